@@ -1,0 +1,1 @@
+"""Code generation: lower an lrcc Graph to something that runs."""

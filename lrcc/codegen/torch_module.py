@@ -1,0 +1,122 @@
+"""Lower an lrcc Graph to a runnable torch module (an FX GraphModule).
+
+Every rewrite site (linear, low-rank linear) becomes a submodule under ``sites`` holding its own
+tensors, so that calibration can observe it with ordinary forward hooks and a later stage can swap
+it; every other operator is called as the ATen op it was imported as.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..errors import LrccError
+from ..ir.graph import Graph, Node, Ref, map_refs
+from ..ir.targets import resolve_target
+
+
+def safe_name(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class DenseLinear(nn.Module):
+    """y = x W^T + b."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class LowRankLinear(nn.Module):
+    """y = (x V^T) U^T + b: two thin products, U V never materialised."""
+
+    def __init__(self, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("v", v)
+        self.register_buffer("u", u)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.v), self.u, self.bias)
+
+
+def site_module(g: Graph, n: Node) -> nn.Module:
+    """The torch module computing one site node."""
+    ts = [g.tensor(i) for i in n.inputs[1:]]
+    if n.op == "linear":
+        return DenseLinear(ts[0], ts[1] if len(ts) > 1 else None)
+    if n.op == "lowrank_linear":
+        return LowRankLinear(ts[0], ts[1], ts[2] if len(ts) > 2 else None)
+    raise LrccError(f"codegen torch: {n.name!r} ({n.op}) is not a site")
+
+
+class Lowered(nn.Module):
+    """Holds the lowered graph module; calls it and restores the model's output structure."""
+
+    def __init__(self, gm: torch.fx.GraphModule, out_spec: str | None, site_names: dict[str, str]) -> None:
+        super().__init__()
+        self.gm = gm
+        self._out_spec = pytree.treespec_loads(out_spec) if out_spec else None
+        self.site_names = site_names  # site name -> attribute path under gm
+
+    def site(self, name: str) -> nn.Module:
+        return self.gm.get_submodule(self.site_names[name])
+
+    def forward(self, *inputs):
+        outs = self.gm(*inputs)
+        if self._out_spec is None:
+            return outs[0] if len(outs) == 1 else outs
+        return pytree.tree_unflatten(list(outs), self._out_spec)
+
+
+def lower_to_torch(g: Graph) -> Lowered:
+    """A torch module that computes the graph."""
+    root = nn.Module()
+    root.sites = nn.Module()
+    root.c = nn.Module()
+    fx = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {}
+    users = g.users()
+    site_names: dict[str, str] = {}
+
+    def value(ref: Ref) -> torch.fx.Node:
+        if ref.name not in env:
+            p = g[ref.name]
+            if p.op != "param":
+                raise LrccError(f"codegen torch: {ref.name!r} used before it is computed")
+            attr = safe_name(p.attrs["ref"])
+            if not hasattr(root.c, attr):
+                root.c.register_buffer(attr, g.tensors[p.attrs["ref"]])
+            env[ref.name] = fx.get_attr(f"c.{attr}")
+        return env[ref.name]
+
+    for n in g.nodes:
+        if n.op == "input":
+            env[n.name] = fx.placeholder(n.name)
+        elif n.op == "param":
+            continue  # materialised on first use by a non-site node
+        elif n.is_site:
+            site = n.attrs["site"]
+            attr = safe_name(site)
+            if hasattr(root.sites, attr):
+                raise LrccError(f"codegen torch: two sites named {site!r}")
+            root.sites.add_module(attr, site_module(g, n))
+            site_names[site] = f"sites.{attr}"
+            env[n.name] = fx.call_module(f"sites.{attr}", (value(Ref(n.inputs[0])),))
+        elif n.op == "aten":
+            fn = resolve_target(n.attrs["target"])
+            args = map_refs(n.attrs["args"], value)
+            kwargs = map_refs(n.attrs["kwargs"], value)
+            env[n.name] = fx.call_function(fn, tuple(args), kwargs)
+        elif n.op == "output":
+            fx.output(tuple(map_refs(n.attrs["args"], value)))
+        else:
+            raise LrccError(f"codegen torch: cannot lower node {n.name!r} of kind {n.op!r}")
+    del users
+    gm = torch.fx.GraphModule(root, fx, class_name="LrccModel")
+    return Lowered(gm, g.meta.get("out_spec"), site_names)

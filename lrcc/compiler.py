@@ -1,0 +1,195 @@
+"""lrcc.compile: import, match rules, plan under the budget, lower, verify."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .budget import Budget
+from .codegen.torch_module import Lowered, lower_to_torch
+from .errors import CalibrationError, LrccError
+from .ir.from_torch import import_module
+from .ir.graph import Graph, print_graph, verify
+from .ir.serialize import graph_from_json, graph_to_json
+from .planner import plan
+from .planner.calibrate import check_batches, output_error
+from .planner.plan import example_dims
+from .report import Report
+from .rewrites import DEFAULT_RULES, match
+from .targets import Target, get_target
+from .targets.cost import graph_latency
+
+FORMAT_VERSION = 1
+
+
+class CompiledModel(torch.nn.Module):
+    """A compiled model: runs like the original; carries .report, .graph and .save()."""
+
+    def __init__(self, graph: Graph, report: Report, target: Target, budget: str) -> None:
+        super().__init__()
+        self.graph = graph
+        self.report = report
+        self.target = target
+        self.budget = budget
+        self.module: Lowered = lower_to_torch(graph)
+
+    def forward(self, *inputs):
+        return self.module(*inputs)
+
+    def save(self, path: str | os.PathLike, arch: str | None = None, format: str | None = None) -> Path:
+        """Write the plan (IR + report), the compressed weights (safetensors) and the IR as text."""
+        if arch is not None:
+            raise LrccError(f"save(arch={arch!r}): Triton kernel generation is not implemented yet; "
+                            "save without arch to write the torch plan")
+        if format not in (None, "lrcc"):
+            raise LrccError(f"save(format={format!r}): only the lrcc format is implemented yet")
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in self.graph.tensors.items()}
+        save_file(tensors, str(out / "weights.safetensors"), metadata={"format": "lrcc", "version": str(FORMAT_VERSION)})
+        plan = {"format": "lrcc", "version": FORMAT_VERSION, "target": self.target.name, "budget": self.budget,
+                "graph": graph_to_json(self.graph)}
+        (out / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True))
+        (out / "report.json").write_text(self.report.to_json())
+        (out / "report.txt").write_text(str(self.report) + "\n")
+        (out / "graph.txt").write_text(print_graph(self.graph))
+        return out
+
+
+def load(path: str | os.PathLike) -> CompiledModel:
+    """Load a model written by CompiledModel.save(); no calibration is re-run."""
+    p = Path(path)
+    plan_file, weights_file = p / "plan.json", p / "weights.safetensors"
+    for f in (plan_file, weights_file):
+        if not f.is_file():
+            raise LrccError(f"load: {f} is missing; is {p} a directory written by CompiledModel.save()?")
+    try:
+        plan = json.loads(plan_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LrccError(f"load: {plan_file} is not valid JSON ({e})") from None
+    if plan.get("format") != "lrcc" or plan.get("version") != FORMAT_VERSION:
+        raise LrccError(f"load: {plan_file} is not an lrcc plan of version {FORMAT_VERSION}")
+    g = graph_from_json(plan["graph"], load_file(str(weights_file)))
+    verify(g)
+    report_file = p / "report.json"
+    report = Report.from_json(report_file.read_text()) if report_file.is_file() else Report([], {}, plan["target"], plan["budget"])
+    return CompiledModel(g, report, get_target(plan["target"]), plan["budget"])
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    start = time.perf_counter()
+    last = {"t": -1.0}
+
+    def say(msg: str) -> None:
+        now = time.perf_counter() - start
+        if now - last["t"] >= 1.0 or msg.endswith("done"):
+            last["t"] = now
+            print(f"[lrcc {now:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    return say
+
+
+def _split(batches: list[tuple], holdout: float) -> tuple[list[tuple], list[tuple], str]:
+    if len(batches) < 2:
+        return batches, batches, "the calibration data itself (too few batches to hold any out)"
+    k = max(1, int(math.ceil(len(batches) * holdout)))
+    return batches[:-k], batches[-k:], f"{k} held-out calibration batch(es)"
+
+
+def _take_samples(batches: list[tuple], n: int) -> list[tuple]:
+    out, seen = [], 0
+    for b in batches:
+        if seen >= n:
+            break
+        out.append(b)
+        seen += b[0].shape[0] if b[0].dim() else 1
+    return out
+
+
+def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target = "cpu",
+            budget: Budget | float | str | None = None, calibration: Iterable[tuple] | None = None, *,
+            options: dict[str, Any] | None = None, progress: bool = False) -> CompiledModel:
+    """Compress `model` for `target` within `budget`; returns a CompiledModel.
+
+    calibration: an iterable of input tuples shaped like example_inputs (batch and sequence length
+    may differ). Without it lrcc calibrates on example_inputs alone and says so in the report.
+    options: planner knobs (rank_step, probes, sensitivity_samples, holdout, sequential, ridge, seed).
+    """
+    t_start = time.perf_counter()
+    options = dict(options or {})
+    tgt = get_target(target)
+    bud = Budget.coerce(budget)
+    if bud is None:
+        bud = Budget(sram=tgt.sram_bytes, flash=tgt.flash_bytes, max_error=0.01) if tgt.kind == "mcu" else Budget(max_error=0.01)
+    say = _progress(progress)
+    if isinstance(model, (str, os.PathLike)):
+        raise LrccError(f"{model}: ONNX import is not implemented yet; pass a torch.nn.Module")
+    torch.manual_seed(int(options.get("seed", 0)))
+    notes: list[str] = []
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    g, export_notes = import_module(model, example_inputs)
+    notes += export_notes
+    _check_weights(g)
+    if say:
+        say(f"imported: {len(g.nodes)} nodes, {len(g.sites())} linear sites, dims {sorted(g.symbols)}")
+
+    n_inputs = g.meta["num_inputs"]
+    if calibration is None:
+        batches = [tuple(example_inputs)]
+        notes.append("no calibration data given: calibrated and verified on example_inputs alone")
+    else:
+        batches = check_batches(list(calibration), n_inputs)
+    fit, held, held_what = _split(batches, float(options.get("holdout", 0.125)))
+    sens = _take_samples(fit, int(options.get("sensitivity_samples", 256)))
+
+    m = match(g, list(options.get("rules", DEFAULT_RULES)), options)
+    dims = example_dims(g, example_inputs)
+    result = plan(g, m, tgt, bud, fit, sens, dims, options, say)
+    notes += result.notes
+    new = result.graph
+
+    compiled = lower_to_torch(new)
+    reference = lower_to_torch(g)
+    measured = output_error(reference, compiled, held)
+    measured["data"] = held_what
+    if say:
+        say("verification done")
+
+    rows = []
+    for d in result.decisions:
+        rows.append({"site": d.site, "rule": d.rule, "choice": d.choice, "params_before": int(d.params_before),
+                     "params_after": int(d.params_after), "bytes_before": int(d.bytes_before),
+                     "bytes_after": int(d.bytes_after), "est_latency_s": float(d.latency_after),
+                     "est_latency_before_s": float(d.latency_before), "error": float(d.predicted_error),
+                     "reason": d.reason})
+    totals = {k: sum(r[k] for r in rows) for k in ("params_before", "params_after", "bytes_before", "bytes_after",
+                                                  "est_latency_s", "error")}
+    totals["model_latency_before_s"] = graph_latency(g, tgt, dims)
+    totals["model_latency_after_s"] = graph_latency(new, tgt, dims)
+    totals["measured_error"] = measured["rel_error"]
+    timings = dict(result.timings)
+    timings["total"] = time.perf_counter() - t_start
+    report = Report(rows, totals, tgt.name, str(bud), notes, measured, timings,
+                    [{"site": s, "rule": r, "reason": why} for s, r, why in m.rejected])
+    if bud.max_error is not None and measured["rel_error"] > bud.max_error:
+        if options.get("strict", True):
+            raise LrccError(f"the compiled model's output error {measured['rel_error']:.3e} on {held_what} exceeds "
+                            f"max_error={bud.max_error}; loosen the budget or give more calibration data\n{report}")
+        report.notes.append(f"FLAGGED: measured error {measured['rel_error']:.3e} exceeds max_error={bud.max_error}")
+    return CompiledModel(new, report, tgt, str(bud))
+
+
+def _check_weights(g: Graph) -> None:
+    for n in g.nodes:
+        if n.op == "param":
+            t = g.tensors[n.attrs["ref"]]
+            if t.dtype.is_floating_point and not torch.isfinite(t).all():
+                raise LrccError(f"weight {n.attrs['ref']!r} contains NaN or Inf; fix the model's weights before compiling")

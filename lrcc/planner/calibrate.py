@@ -1,0 +1,200 @@
+"""Calibration: run the model on calibration inputs and collect what the planner needs.
+
+- input statistics per site: A = sum_t x_t x_t^T (for activation-aware factorisation);
+- output sensitivity: how much each candidate would change the model's *output*, by first-order
+  expansion: dy = J_site dY_site, estimated with random output probes z: the gradient
+  g = d(z . y)/dY_site gives z . dy = sum_t g_t . (dW x_t), whose square is, in expectation
+  over z, ||J_site dW x||^2. For a truncation family dW = -sum_{i>=r} s_i l_i r_i^T this is
+  sum over samples of (sum_{i>=r} c_i)^2 with c_i = s_i sum_t (g_t . l_i)(x_t . r_i),
+  so one backward pass prices every rank of every site at once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from ..errors import CalibrationError
+from ..rewrites.rule import Spectrum
+
+
+def check_batches(batches: list[tuple], num_inputs: int, what: str = "calibration") -> list[tuple]:
+    """Validate calibration batches: tuples of tensors, matching arity, finite floats."""
+    out = []
+    for b, batch in enumerate(batches):
+        if isinstance(batch, torch.Tensor):
+            batch = (batch,)
+        if not isinstance(batch, (tuple, list)):
+            raise CalibrationError(f"{what} batch {b}: expected a tuple of tensors, got {type(batch).__name__}")
+        if len(batch) != num_inputs:
+            raise CalibrationError(f"{what} batch {b}: has {len(batch)} inputs, the model takes {num_inputs}")
+        for i, x in enumerate(batch):
+            if not isinstance(x, torch.Tensor):
+                raise CalibrationError(f"{what} batch {b} input {i}: expected a tensor, got {type(x).__name__}")
+            if x.dtype.is_floating_point and not torch.isfinite(x).all():
+                raise CalibrationError(f"{what} batch {b} input {i}: contains NaN or Inf")
+        out.append(tuple(batch))
+    if not out:
+        raise CalibrationError(f"{what}: no batches given")
+    return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+@dataclass
+class InputStats:
+    """Per-site sums of x x^T over calibration tokens (float64)."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def xtx(self, site: str) -> torch.Tensor:
+        return self.sums[site]
+
+
+def collect_input_stats(lowered, batches: list[tuple], sites: list[str], progress: Callable[[str], None] | None = None) -> InputStats:
+    """One forward pass over the batches, summing x^T x at the input of every site."""
+    stats = InputStats()
+    hooks = []
+
+    def make_hook(site: str):
+        def hook(module, args, output):
+            x = _rows(args[0].detach()).double()
+            if not torch.isfinite(x).all():
+                raise CalibrationError(f"layer {site}: its input on calibration data contains NaN or Inf")
+            acc = x.T @ x
+            if site in stats.sums:
+                stats.sums[site] += acc
+            else:
+                stats.sums[site] = acc
+            stats.tokens[site] = stats.tokens.get(site, 0) + x.shape[0]
+        return hook
+
+    for site in sites:
+        hooks.append(lowered.site(site).register_forward_hook(make_hook(site)))
+    try:
+        with torch.no_grad():
+            for k, batch in enumerate(batches):
+                lowered(*batch)
+                if progress:
+                    progress(f"input statistics: batch {k + 1}/{len(batches)}")
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def flat_outputs(out) -> torch.Tensor:
+    """The model's float outputs as one [batch, features] matrix."""
+    from torch.utils import _pytree as pytree
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+    if not leaves:
+        raise CalibrationError("the model returns no floating-point tensor: lrcc measures error on float outputs")
+    b = leaves[0].shape[0] if leaves[0].dim() else 1
+    return torch.cat([t.reshape(b, -1) if t.dim() else t.reshape(1, 1).expand(b, 1) for t in leaves], dim=1)
+
+
+@dataclass
+class Sensitivity:
+    """Per family: per-sample contributions c[probe*sample, i]; per site: output metric S = sum g g^T."""
+
+    contributions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    out_metric: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_energy: float = 0.0   # sum over samples of ||y||^2 (per probe)
+    samples: int = 0
+    probes: int = 1
+
+    def truncation_errors(self, family: str) -> torch.Tensor:
+        """err[r] = predicted sum over samples of ||dy||^2 / sum ||y||^2 when keeping the first r terms."""
+        c = torch.cat(self.contributions[family], dim=0).double()  # (P*S) x k
+        tail = c.flip(1).cumsum(1).flip(1)  # tail[:, r] = sum_{i>=r} c_i
+        err = (tail ** 2).sum(0) / self.probes
+        err = torch.cat([err, torch.zeros(1, dtype=err.dtype)])
+        return (err / max(self.output_energy, 1e-30)).float()
+
+
+def collect_sensitivity(lowered, batches: list[tuple], families: dict[str, tuple[str, Spectrum]], probes: int = 2,
+                        seed: int = 0, progress: Callable[[str], None] | None = None) -> Sensitivity:
+    """Forward + backward with random output probes; prices every truncation of every family.
+
+    families: family key -> (site, Spectrum).
+    """
+    sens = Sensitivity(probes=probes)
+    by_site: dict[str, list[tuple[str, Spectrum]]] = {}
+    for fam, (site, spec) in families.items():
+        by_site.setdefault(site, []).append((fam, spec))
+    gen = torch.Generator().manual_seed(seed)
+    saved: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def make_hook(site: str):
+        def hook(module, args, output):
+            x = args[0].detach()
+            saved[site] = x
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+
+            def on_grad(g: torch.Tensor):
+                xs = saved.pop(site)
+                bsz = g.shape[0]
+                gf = g.detach().reshape(bsz, -1, g.shape[-1]).float()
+                xf = xs.reshape(bsz, -1, xs.shape[-1]).float()
+                gr = _rows(gf).double()
+                acc = gr.T @ gr
+                sens.out_metric[site] = sens.out_metric[site] + acc if site in sens.out_metric else acc
+                for fam, spec in by_site.get(site, []):
+                    c = ((gf @ spec.left) * (xf @ spec.right)).sum(1) * spec.sigma  # bsz x k
+                    sens.contributions.setdefault(fam, []).append(c.detach())
+                return None
+
+            output.register_hook(on_grad)
+            return output
+        return hook
+
+    for site in by_site:
+        hooks.append(lowered.site(site).register_forward_hook(make_hook(site)))
+    try:
+        for k, batch in enumerate(batches):
+            for p in range(probes):
+                with torch.enable_grad():
+                    y = flat_outputs(lowered(*batch))
+                    z = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+                    if y.requires_grad:
+                        (y * z).sum().backward()
+                sens.output_energy += float((y.detach().double() ** 2).sum())
+                if p == 0:
+                    sens.samples += y.shape[0]
+            if progress:
+                progress(f"output sensitivity: batch {k + 1}/{len(batches)}")
+    finally:
+        for h in hooks:
+            h.remove()
+        saved.clear()
+    if sens.output_energy == 0 or not math.isfinite(sens.output_energy):
+        raise CalibrationError("the model's outputs on calibration data are all zero or non-finite")
+    sens.output_energy /= probes
+    return sens
+
+
+def output_error(reference, candidate, batches: list[tuple]) -> dict[str, float]:
+    """Relative squared error sum||y'-y||^2/sum||y||^2 and per-sample cosine of the outputs."""
+    num = den = 0.0
+    cos: list[torch.Tensor] = []
+    with torch.no_grad():
+        for batch in batches:
+            y = flat_outputs(reference(*batch)).double()
+            y2 = flat_outputs(candidate(*batch)).double()
+            num += float(((y2 - y) ** 2).sum())
+            den += float((y ** 2).sum())
+            cos.append(torch.nn.functional.cosine_similarity(y, y2, dim=1))
+    c = torch.cat(cos)
+    return {
+        "rel_error": num / max(den, 1e-30),
+        "cosine_mean": float(c.mean()),
+        "cosine_p5": float(torch.quantile(c, 0.05)) if c.numel() > 1 else float(c.mean()),
+        "samples": int(c.numel()),
+    }

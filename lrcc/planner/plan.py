@@ -1,0 +1,198 @@
+"""Plan: price every candidate (error at the model's output, cost on the target), choose one per
+site under the budget, apply the choice and refit it on the compressed model's own inputs."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..budget import Budget
+from ..codegen.torch_module import lower_to_torch
+from ..errors import BudgetError, LrccError
+from ..ir.graph import Graph, verify
+from ..rewrites.low_rank import replace_with_lowrank
+from ..rewrites.rule import Candidate, Match
+from ..targets import Target
+from ..targets.cost import graph_latency, op_cost, site_cost
+from . import calibrate
+from .sequential import sequential_refit
+from .solve import Option, minimum_reachable, solve
+
+
+@dataclass
+class Decision:
+    """What the planner did with one site, and why."""
+
+    site: str
+    rule: str
+    choice: str
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    latency_before: float
+    latency_after: float
+    predicted_error: float
+    candidate: Candidate | None = None
+    reason: str = ""
+
+
+@dataclass
+class PlanResult:
+    graph: Graph
+    decisions: list[Decision]
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    caps: dict[str, float] = field(default_factory=dict)
+    predicted_error: float = 0.0
+    frontier: list[tuple[float, float]] = field(default_factory=list)  # (params, predicted error) per option
+
+
+def example_dims(g: Graph, example_inputs: tuple) -> dict[str, int]:
+    """Concrete values of the graph's symbolic dims at the example inputs."""
+    dims: dict[str, int] = {}
+    for node, x in zip(g.inputs(), example_inputs):
+        for d, size in zip(node.shape or (), x.shape):
+            if getattr(d, "is_Symbol", False):
+                dims[str(d)] = int(size)
+    return dims
+
+
+def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: list[tuple], sens_batches: list[tuple],
+         dims: dict[str, int], options: dict[str, Any] | None = None,
+         progress: Callable[[str], None] | None = None) -> PlanResult:
+    """Choose one form per site; returns the rewritten graph and the decisions."""
+    options = options or {}
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    original = lower_to_torch(g)
+    sites = [s for s in match.candidates]
+    node_of = {n.attrs["site"]: n for n in g.sites()}
+
+    stats = calibrate.collect_input_stats(original, fit_batches, sites, progress)
+    timings["input statistics"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    families: dict[str, tuple[str, Any]] = {}
+    for site, cands in match.candidates.items():
+        for c in cands:
+            if c.family not in families:
+                try:
+                    families[c.family] = (site, c.spectrum(stats))
+                except ValueError as e:
+                    raise LrccError(f"layer {site}: {e}") from None
+    timings["factorisation"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    sens = calibrate.collect_sensitivity(original, sens_batches, families, probes=int(options.get("probes", 2)),
+                                         seed=int(options.get("seed", 0)), progress=progress)
+    errors = {fam: sens.truncation_errors(fam) for fam in families}
+    timings["output sensitivity"] = time.perf_counter() - t2
+
+    # options per site: keep, or one of the candidates
+    table: dict[str, list[Option]] = {}
+    total_params = total_bytes = 0
+    for site in sites:
+        n = node_of[site]
+        p0 = g.param_count(n)
+        b0 = sum(g.tensor(i).numel() * g.tensor(i).element_size() for i in n.inputs[1:])
+        lat0 = op_cost(g, n).latency(target, dims)
+        total_params += p0
+        total_bytes += b0
+        opts = [Option(0.0, {"params": p0, "bytes": b0, "latency": lat0}, None)]
+        x = g[n.inputs[0]]
+        for c in match.candidates[site]:
+            rows = _rows_expr(x.shape)
+            cost = site_cost(rows, c.weight_shapes, c.bytes, _bytes_of(x), _bytes_of(n))
+            err = float(errors[c.family][c.knobs["rank"]])
+            opts.append(Option(err, {"params": c.params, "bytes": c.bytes, "latency": cost.latency(target, dims)}, c))
+        table[site] = opts
+    model_latency = graph_latency(g, target, dims)
+    fixed_latency = model_latency - sum(o[0].costs["latency"] for o in table.values())
+
+    caps: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    if budget.params is not None:
+        caps["params"] = budget.params * total_params
+    if budget.bytes is not None:
+        caps["bytes"] = budget.bytes * total_bytes
+    if budget.latency is not None:
+        caps["latency"] = budget.latency * model_latency
+    totals = {"params": total_params, "bytes": total_bytes, "latency": model_latency}
+    fixed = {"latency": fixed_latency}
+    for res, cap in caps.items():
+        least = minimum_reachable(table, res, fixed.get(res, 0.0))
+        if least > cap:
+            raise BudgetError(f"budget {res}={cap / totals[res]:.4g} cannot be met on target {target.name}: "
+                              f"the smallest reachable is {res}={least / totals[res]:.4g} of the original "
+                              f"({least:.6g} vs {totals[res]:.6g})")
+    t3 = time.perf_counter()
+    if caps:
+        choice = solve(table, caps, fixed, objective="error", labels=labels)
+    else:
+        max_error = budget.max_error if budget.max_error is not None else 0.01
+        choice = solve(table, {}, fixed, objective="params", error_cap=float(options.get("error_cap", max_error)))
+    timings["allocation"] = time.perf_counter() - t3
+
+    # apply
+    new = g.copy()
+    decisions: list[Decision] = []
+    ranks: dict[str, int] = {}
+    predicted = 0.0
+    for site in sites:
+        opt = table[site][choice[site]]
+        keep = table[site][0]
+        c: Candidate | None = opt.payload
+        predicted += opt.error
+        if c is None:
+            reason = "kept: every cheaper form cost more error per parameter saved than the budget needed"
+            decisions.append(Decision(site, "-", "dense", keep.costs["params"], keep.costs["params"], keep.costs["bytes"],
+                                      keep.costs["bytes"], keep.costs["latency"], keep.costs["latency"], 0.0, None, reason))
+            continue
+        spec = families[c.family][1]
+        v, u = spec.factors(c.knobs["rank"])
+        replace_with_lowrank(new, c.node, v, u)
+        if c.knobs["method"] == "whitened" and options.get("sequential", True):
+            ranks[site] = c.knobs["rank"]
+        reason = (f"predicted output error {opt.error:.2e} for {keep.costs['params'] - opt.costs['params']:,} "
+                  f"parameters saved")
+        decisions.append(Decision(site, c.rule, c.choice, keep.costs["params"], opt.costs["params"], keep.costs["bytes"],
+                                  opt.costs["bytes"], keep.costs["latency"], opt.costs["latency"], opt.error, c, reason))
+    new.remove_unused_params()
+    verify(new)
+
+    if ranks:
+        t4 = time.perf_counter()
+        compressed = lower_to_torch(new)
+        weights = {s: g.tensor(node_of[s].inputs[1]) for s in ranks}
+        metrics = sens.out_metric if options.get("output_metric", True) else None
+        if metrics is not None:
+            metrics = {s: m + float(options.get("metric_damping", 0.1)) * float(m.diagonal().mean()) * torch.eye(m.shape[0], dtype=m.dtype)
+                       for s, m in metrics.items()}
+        refit = sequential_refit(original, compressed, fit_batches, ranks, weights, metrics,
+                                 ridge=float(options.get("ridge", 1e-3)), progress=progress)
+        for site, (v, u) in refit.items():
+            new.tensors[f"{site}.lowrank_v"] = v
+            new.tensors[f"{site}.lowrank_u"] = u
+        for d in decisions:
+            if d.site in refit:
+                d.choice += " + sequential refit"
+        timings["sequential refit"] = time.perf_counter() - t4
+    frontier = [(o.costs["params"], o.error) for opts in table.values() for o in opts]
+    return PlanResult(new, decisions, timings, notes, caps, predicted, frontier)
+
+
+def _rows_expr(shape):
+    import sympy
+    return sympy.Mul(*shape[:-1]) if shape and len(shape) > 1 else sympy.Integer(1)
+
+
+def _bytes_of(node):
+    from ..ir.graph import numel
+    import sympy
+    if node.shape is None:
+        return sympy.Integer(0)
+    return numel(node.shape) * (node.dtype.itemsize if node.dtype is not None else 4)

@@ -1,0 +1,69 @@
+"""The compile report: one row per site, totals, and what the error was measured on."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _fmt_int(v) -> str:
+    return f"{int(v):,}"
+
+
+@dataclass
+class Report:
+    """Per-site decisions and totals. str() is a readable table; .rows a list of dicts."""
+
+    rows: list[dict[str, Any]]
+    totals: dict[str, Any]
+    target: str
+    budget: str
+    notes: list[str] = field(default_factory=list)
+    verification: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"target": self.target, "budget": self.budget, "rows": self.rows, "totals": self.totals,
+                           "verification": self.verification, "notes": self.notes, "timings": self.timings,
+                           "rejected": self.rejected}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        d = json.loads(text)
+        return cls(d["rows"], d["totals"], d["target"], d["budget"], d.get("notes", []), d.get("verification", {}),
+                   d.get("timings", {}), d.get("rejected", []))
+
+    def __str__(self) -> str:
+        head = ["site", "choice", "params", "after", "est. latency", "error"]
+        body = []
+        for r in self.rows:
+            body.append([r["site"], r["choice"], _fmt_int(r["params_before"]), _fmt_int(r["params_after"]),
+                         f"{r['est_latency_s'] * 1e3:.3f} ms", f"{r['error']:.2e}"])
+        t = self.totals
+        body.append(["TOTAL", f"{t['params_after'] / max(t['params_before'], 1):.3f} of params",
+                     _fmt_int(t["params_before"]), _fmt_int(t["params_after"]),
+                     f"{t['est_latency_s'] * 1e3:.3f} ms", f"{t['error']:.2e}"])
+        widths = [max(len(str(row[i])) for row in [head] + body) for i in range(len(head))]
+        lines = [f"lrcc report: target {self.target}, budget {self.budget}"]
+        fmt = lambda row: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        lines.append(fmt(head))
+        lines.append("  ".join("-" * w for w in widths))
+        lines += [fmt(r) for r in body[:-1]]
+        lines.append("  ".join("-" * w for w in widths))
+        lines.append(fmt(body[-1]))
+        lines.append(f"model latency (roofline, {self.target}): {t['model_latency_before_s'] * 1e3:.3f} ms -> "
+                     f"{t['model_latency_after_s'] * 1e3:.3f} ms")
+        v = self.verification
+        if v:
+            lines.append(f"measured output error on {v['data']}: relative squared error {v['rel_error']:.3e}, "
+                         f"cosine mean {v['cosine_mean']:.4f} (p5 {v['cosine_p5']:.4f}) over {v['samples']} samples")
+        lines.append("error column: predicted contribution to the output's relative squared error "
+                     "(first-order, from output gradients on calibration data)")
+        if self.rejected:
+            lines.append(f"{len(self.rejected)} site(s) declined by rule guards:")
+            lines += [f"  {r['site']}: {r['rule']}: {r['reason']}" for r in self.rejected]
+        lines += [f"note: {n}" for n in self.notes]
+        if self.timings:
+            lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
+        return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""Targets: the machines lrcc compiles for, with the datasheet numbers its cost model uses."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LrccError
+
+
+@dataclass(frozen=True)
+class Target:
+    """A machine: peak FLOP/s, memory bandwidth, per-op overhead, and (MCUs) memory sizes."""
+
+    name: str
+    kind: str                # "cpu" | "gpu" | "mcu"
+    description: str
+    peak_flops: float        # FLOP/s for the dtype lrcc computes in on this target
+    bandwidth: float         # bytes/s of main memory
+    op_overhead_s: float     # fixed cost per operator launch (dispatch / kernel launch)
+    sram_bytes: int | None = None
+    flash_bytes: int | None = None
+
+    def roofline_s(self, flops: float, nbytes: float) -> float:
+        """Latency of one operator by the roofline model, plus its launch overhead."""
+        return max(flops / self.peak_flops, nbytes / self.bandwidth) + self.op_overhead_s
+
+
+# Datasheet figures. CPU: a generic 2-core AVX-512 server slice (2 cores x 3.0 GHz x 2 FMA units x
+# 16 fp32 lanes x 2 FLOP = 384 GFLOP/s peak; ~20 GB/s per core pair); the model is a roofline, refined
+# by measurement in benchmarks/. GPUs: NVIDIA A100 SXM 80GB (312 TFLOP/s dense fp16 tensor core,
+# 2.039 TB/s HBM2e) and H100 SXM (989 TFLOP/s dense fp16, 3.35 TB/s HBM3).
+_TARGETS = {
+    "cpu": Target("cpu", "cpu", "x86-64 CPU, 2 cores, AVX-512 fp32 (roofline)", 384e9, 20e9, 3e-6),
+    "a100": Target("a100", "gpu", "NVIDIA A100 SXM 80GB, fp16 tensor cores", 312e12, 2.039e12, 4e-6),
+    "h100": Target("h100", "gpu", "NVIDIA H100 SXM, fp16 tensor cores", 989e12, 3.35e12, 4e-6),
+}
+
+
+def targets() -> list[str]:
+    """Names of the targets lrcc knows."""
+    return sorted(_TARGETS)
+
+
+def get_target(target: "str | Target") -> Target:
+    """The Target named `target` (or the Target itself)."""
+    if isinstance(target, Target):
+        return target
+    if not isinstance(target, str) or target.lower() not in _TARGETS:
+        raise LrccError(f"unknown target {target!r}; known targets: {', '.join(targets())}")
+    return _TARGETS[target.lower()]

@@ -1,0 +1,1 @@
+"""Bundled reference models and data sets used by lrcc's tests and benchmarks."""
