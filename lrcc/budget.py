@@ -85,7 +85,7 @@ class Budget:
         if isinstance(value, dict):
             unknown = set(value) - {f.name for f in fields(cls)}
             if unknown:
-                raise BudgetError(f"budget: unknown field(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+                raise BudgetError(f"budget: unknown field(s) {sorted(unknown, key=str)}; known: {[f.name for f in fields(cls)]}")
             return cls(**value)
         raise BudgetError(f"budget: expected a Budget, a fraction or a string like 'params=0.5', got {type(value).__name__}")
 

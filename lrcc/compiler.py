@@ -100,18 +100,23 @@ def _progress(enabled: bool):
 def _split(batches: list[tuple], holdout: float) -> tuple[list[tuple], list[tuple], str]:
     if len(batches) < 2:
         return batches, batches, "the calibration data itself (too few batches to hold any out)"
-    k = max(1, int(math.ceil(len(batches) * holdout)))
-    return batches[:-k], batches[-k:], f"{k} held-out calibration batch(es)"
+    stride = max(2, int(round(1 / holdout)))
+    held = [b for i, b in enumerate(batches) if i % stride == stride - 1]
+    fit = [b for i, b in enumerate(batches) if i % stride != stride - 1]
+    if not held:
+        held, fit = fit[-1:], fit[:-1]
+    return fit, held, f"{len(held)} held-out calibration batch(es) (every {stride}th)"
 
 
 def _take_samples(batches: list[tuple], n: int) -> list[tuple]:
-    out, seen = [], 0
-    for b in batches:
-        if seen >= n:
-            break
-        out.append(b)
-        seen += b[0].shape[0] if b[0].dim() else 1
-    return out
+    """About n samples' worth of batches, spread evenly over the list (not just its head)."""
+    sizes = [b[0].shape[0] if b[0].dim() else 1 for b in batches]
+    total = sum(sizes)
+    if total <= n:
+        return list(batches)
+    k = max(1, round(len(batches) * n / total))
+    step = len(batches) / k
+    return [batches[int(i * step)] for i in range(k)]
 
 
 def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target = "cpu",
@@ -152,12 +157,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
 
     m = match(g, list(options.get("rules", DEFAULT_RULES)), options)
     dims = example_dims(g, example_inputs)
-    result = plan(g, m, tgt, bud, fit, sens, dims, options, say)
+    reference = lower_to_torch(g)
+    check = lambda graph: output_error(reference, lower_to_torch(graph), held)["rel_error"]
+    result = plan(g, m, tgt, bud, fit, sens, dims, options, say, check)
     notes += result.notes
     new = result.graph
 
     compiled = lower_to_torch(new)
-    reference = lower_to_torch(g)
     measured = output_error(reference, compiled, held)
     measured["data"] = held_what
     if say:

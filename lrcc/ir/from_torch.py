@@ -158,6 +158,9 @@ def import_exported(ep: torch.export.ExportedProgram) -> Graph:
             if name == _LINEAR and _is_param_linear(g, args, kwargs):
                 ins = [a.name for a in args if a is not None]
                 site = g[ins[1]].attrs["ref"].removesuffix(".weight")
+                taken = {m.attrs["site"] for m in g.nodes if m.op == "linear"}
+                if site in taken:  # the same weight used again (a module called twice, tied weights)
+                    site = next(f"{site}#{k}" for k in range(2, len(taken) + 3) if f"{site}#{k}" not in taken)
                 g.add(Node(n.name, "linear", ins, {"site": site}, shape, dtype))
                 continue
             attrs = {"target": name, "args": tuple(args), "kwargs": kwargs}

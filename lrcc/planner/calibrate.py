@@ -61,17 +61,22 @@ def collect_input_stats(lowered, batches: list[tuple], sites: list[str], progres
     stats = InputStats()
     hooks = []
 
+    last: dict[str, object] = {"x": None, "acc": None}  # sites fed by one tensor (q, k, v) share its sums
+
     def make_hook(site: str):
         def hook(module, args, output):
-            x = _rows(args[0].detach()).double()
-            if not torch.isfinite(x).all():
-                raise CalibrationError(f"layer {site}: its input on calibration data contains NaN or Inf")
-            acc = x.T @ x
+            x = args[0].detach()
+            if last["x"] is not x:
+                rows = _rows(x).float()
+                if not torch.isfinite(rows).all():
+                    raise CalibrationError(f"layer {site}: its input on calibration data contains NaN or Inf")
+                last["x"], last["acc"] = x, (rows.T @ rows).double()
+            acc = last["acc"]
             if site in stats.sums:
                 stats.sums[site] += acc
             else:
-                stats.sums[site] = acc
-            stats.tokens[site] = stats.tokens.get(site, 0) + x.shape[0]
+                stats.sums[site] = acc.clone()
+            stats.tokens[site] = stats.tokens.get(site, 0) + x.numel() // x.shape[-1]
         return hook
 
     for site in sites:
@@ -80,6 +85,7 @@ def collect_input_stats(lowered, batches: list[tuple], sites: list[str], progres
         with torch.no_grad():
             for k, batch in enumerate(batches):
                 lowered(*batch)
+                last["x"] = last["acc"] = None
                 if progress:
                     progress(f"input statistics: batch {k + 1}/{len(batches)}")
     finally:

@@ -62,8 +62,14 @@ def example_dims(g: Graph, example_inputs: tuple) -> dict[str, int]:
 
 def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: list[tuple], sens_batches: list[tuple],
          dims: dict[str, int], options: dict[str, Any] | None = None,
-         progress: Callable[[str], None] | None = None) -> PlanResult:
-    """Choose one form per site; returns the rewritten graph and the decisions."""
+         progress: Callable[[str], None] | None = None,
+         check: Callable[[Graph], float] | None = None) -> PlanResult:
+    """Choose one form per site; returns the rewritten graph and the decisions.
+
+    With a max_error budget (and no params/bytes/latency caps) the allocation minimises parameters
+    under a predicted-error cap of 0.7 max_error; `check(graph)` measures the real output error on
+    held-out data and the cap is tightened until the measured error fits (at most 4 tries).
+    """
     options = options or {}
     timings: dict[str, float] = {}
     notes: list[str] = []
@@ -130,14 +136,35 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
                               f"the smallest reachable is {res}={least / totals[res]:.4g} of the original "
                               f"({least:.6g} vs {totals[res]:.6g})")
     t3 = time.perf_counter()
-    if caps:
-        choice = solve(table, caps, fixed, objective="error", labels=labels)
-    else:
-        max_error = budget.max_error if budget.max_error is not None else 0.01
-        choice = solve(table, {}, fixed, objective="params", error_cap=float(options.get("error_cap", max_error)))
-    timings["allocation"] = time.perf_counter() - t3
+    max_error = budget.max_error if budget.max_error is not None else (None if caps else 0.01)
+    # with params/bytes/latency caps: least error within them (max_error is checked afterwards);
+    # with max_error alone: fewest parameters within a predicted-error cap, tightened until measured fits
+    error_cap = None if caps else float(options.get("error_cap", 0.7 * max_error))
+    tries = 0
+    while True:
+        tries += 1
+        if error_cap is None:
+            choice = solve(table, caps, fixed, objective="error", labels=labels)
+        else:
+            choice = solve(table, caps, fixed, objective="params", error_cap=error_cap)
+        timings["allocation"] = timings.get("allocation", 0.0) + time.perf_counter() - t3
+        new, decisions, predicted = _apply(g, sites, table, choice, families, node_of, original, sens, fit_batches,
+                                           options, timings, progress)
+        if error_cap is None or check is None or tries >= 4:
+            break
+        measured = check(new)
+        if measured <= max_error:
+            break
+        notes.append(f"allocation at predicted error {error_cap:.2e} measured {measured:.2e} > max_error "
+                     f"{max_error:.2e}: re-planned with a tighter cap")
+        error_cap *= 0.8 * max_error / measured
+        t3 = time.perf_counter()
+    frontier = [(o.costs["params"], o.error) for opts in table.values() for o in opts]
+    return PlanResult(new, decisions, timings, notes, caps, predicted, frontier)
 
-    # apply
+
+def _apply(g, sites, table, choice, families, node_of, original, sens, fit_batches, options, timings, progress):
+    """Rewrite the chosen candidates into a copy of g and refit them sequentially."""
     new = g.copy()
     decisions: list[Decision] = []
     ranks: dict[str, int] = {}
@@ -148,7 +175,7 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
         c: Candidate | None = opt.payload
         predicted += opt.error
         if c is None:
-            reason = "kept: every cheaper form cost more error per parameter saved than the budget needed"
+            reason = "kept dense: no cheaper form was worth its predicted error under this budget"
             decisions.append(Decision(site, "-", "dense", keep.costs["params"], keep.costs["params"], keep.costs["bytes"],
                                       keep.costs["bytes"], keep.costs["latency"], keep.costs["latency"], 0.0, None, reason))
             continue
@@ -163,15 +190,15 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
                                   opt.costs["bytes"], keep.costs["latency"], opt.costs["latency"], opt.error, c, reason))
     new.remove_unused_params()
     verify(new)
-
     if ranks:
         t4 = time.perf_counter()
         compressed = lower_to_torch(new)
         weights = {s: g.tensor(node_of[s].inputs[1]) for s in ranks}
-        metrics = sens.out_metric if options.get("output_metric", True) else None
-        if metrics is not None:
-            metrics = {s: m + float(options.get("metric_damping", 0.1)) * float(m.diagonal().mean()) * torch.eye(m.shape[0], dtype=m.dtype)
-                       for s, m in metrics.items()}
+        metrics = None
+        if options.get("output_metric", True):
+            damp = float(options.get("metric_damping", 0.1))
+            metrics = {s: m + damp * float(m.diagonal().mean()) * torch.eye(m.shape[0], dtype=m.dtype)
+                       for s, m in sens.out_metric.items() if s in ranks}
         refit = sequential_refit(original, compressed, fit_batches, ranks, weights, metrics,
                                  ridge=float(options.get("ridge", 1e-3)), progress=progress)
         for site, (v, u) in refit.items():
@@ -180,9 +207,8 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
         for d in decisions:
             if d.site in refit:
                 d.choice += " + sequential refit"
-        timings["sequential refit"] = time.perf_counter() - t4
-    frontier = [(o.costs["params"], o.error) for opts in table.values() for o in opts]
-    return PlanResult(new, decisions, timings, notes, caps, predicted, frontier)
+        timings["sequential refit"] = timings.get("sequential refit", 0.0) + time.perf_counter() - t4
+    return new, decisions, predicted
 
 
 def _rows_expr(shape):

@@ -54,6 +54,7 @@ def sequential_refit(original, compressed, batches: list[tuple], ranks: dict[str
     envs_c: list[dict] = [dict() for _ in batches]
     result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     done = 0
+    shared: dict = {}
     with torch.no_grad():
         for i, (no, nc) in enumerate(zip(nodes_o, nodes_c)):
             if no.op != nc.op or no.target != nc.target:
@@ -64,13 +65,17 @@ def sequential_refit(original, compressed, batches: list[tuple], ranks: dict[str
             if site in ranks:
                 xin_c, xin_o = nc.args[0], no.args[0]
                 n_in = weights[site].shape[1]
-                h = torch.zeros(n_in, n_in, dtype=torch.float64)
-                cross = torch.zeros(n_in, n_in, dtype=torch.float64)
-                for ec, eo in zip(envs_c, envs_o):
-                    xc = ec[xin_c].reshape(-1, n_in).double()
-                    xo = eo[xin_o].reshape(-1, n_in).double()
-                    h += xc.T @ xc
-                    cross += xc.T @ xo
+                if xin_c not in shared:  # sites fed by one value (q, k, v) share the sums
+                    h = torch.zeros(n_in, n_in, dtype=torch.float64)
+                    cross = torch.zeros(n_in, n_in, dtype=torch.float64)
+                    for ec, eo in zip(envs_c, envs_o):
+                        xc = ec[xin_c].reshape(-1, n_in).float()
+                        xo = eo[xin_o].reshape(-1, n_in).float()
+                        h += (xc.T @ xc).double()
+                        cross += (xc.T @ xo).double()
+                    shared.clear()
+                    shared[xin_c] = (h, cross)
+                h, cross = shared[xin_c]
                 metric = out_metrics.get(site) if out_metrics else None
                 v, u = refit_factors(weights[site], h, cross, ranks[site], metric, ridge, site)
                 mod = gc.get_submodule(nc.target)

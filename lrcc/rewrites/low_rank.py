@@ -40,7 +40,7 @@ def _guard(g: Graph, n: Node) -> str | None:
     uses = sum(1 for m in g.nodes if n.inputs[1] in m.inputs)
     if uses > 1:
         return "weight is shared with other nodes (tied weights)"
-    if not candidate_ranks(*w.shape):
+    if not candidate_ranks(*w.shape, step=1):  # offer() applies the rank step from the options
         return f"weight {tuple(w.shape)} too small: no rank below {breakeven_rank(*w.shape):.1f} saves parameters"
     return None
 
