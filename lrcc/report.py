@@ -26,7 +26,7 @@ class Report:
     def to_json(self) -> str:
         return json.dumps({"target": self.target, "budget": self.budget, "rows": self.rows, "totals": self.totals,
                            "verification": self.verification, "notes": self.notes, "timings": self.timings,
-                           "rejected": self.rejected}, indent=2, sort_keys=True)
+                           "rejected": self.rejected}, indent=2)  # key order kept: str() prints timings in order
 
     @classmethod
     def from_json(cls, text: str) -> "Report":

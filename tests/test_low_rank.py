@@ -14,6 +14,15 @@ from lrcc.rewrites.low_rank import (breakeven_rank, candidate_ranks, refit_facto
                                     svd_spectrum, whitened_spectrum)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # toy-sized ops: one thread is fastest and immune to a busy machine's oversubscription
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class MLP(nn.Module):
     """Two eligible linears (fc1, fc2), one with no saving rank at the default step (gate: 8 x 8)
     and one where no rank at all saves (head: 1 x 32)."""

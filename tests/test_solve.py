@@ -102,9 +102,9 @@ def test_error_objective_matches_brute_force_continuous_errors(inst) -> None:
     choice = solve(sites, caps, fixed)
     _check_allocation(sites, caps, fixed, choice)
     # HiGHS works to ~1e-7 of the largest (scaled) objective coefficient, so errors that small are
-    # indistinguishable from 0 to it; with arbitrary float errors we allow that much slack
+    # indistinguishable from 0 to it (plus its 1e-6 absolute gap); with arbitrary float errors we allow that much slack
     scale = max(o.error for opts in sites.values() for o in opts)
-    assert _total(sites, choice, "error") <= best + 1e-6 * max(scale, 1e-30) + REL * best, (choice, best)
+    assert _total(sites, choice, "error") <= best + 1e-5 * max(scale, 1e-30) + REL * best, (choice, best)
 
 
 @settings(max_examples=100, deadline=None)

@@ -23,7 +23,8 @@ def _enc(a: Any) -> Any:
     if isinstance(a, list):
         return [_enc(x) for x in a]
     if isinstance(a, dict):
-        return {"dict": {k: _enc(v) for k, v in a.items()}}
+        # pairs, not a JSON object: key order (kwargs) must survive json.dumps(sort_keys=True)
+        return {"dict": [[k, _enc(v)] for k, v in a.items()]}
     if isinstance(a, torch.dtype):
         return {"dtype": str(a).removeprefix("torch.")}
     if isinstance(a, torch.device):
@@ -50,7 +51,8 @@ def _dec(a: Any) -> Any:
     if key == "tuple":
         return tuple(_dec(x) for x in val)
     if key == "dict":
-        return {k: _dec(v) for k, v in val.items()}
+        pairs = val.items() if isinstance(val, dict) else val  # older plans stored an object
+        return {k: _dec(v) for k, v in pairs}
     if key == "dtype":
         return _DTYPES[val]
     if key == "device":
