@@ -19,7 +19,7 @@ from .ir.from_torch import import_module
 from .ir.graph import Graph, print_graph, verify
 from .ir.serialize import graph_from_json, graph_to_json
 from .planner import plan
-from .planner.calibrate import check_batches, output_error
+from .planner.calibrate import check_batches, output_error, take_samples
 from .planner.plan import example_dims
 from .report import Report
 from .rewrites import DEFAULT_RULES, match
@@ -108,17 +108,6 @@ def _split(batches: list[tuple], holdout: float) -> tuple[list[tuple], list[tupl
     return fit, held, f"{len(held)} held-out calibration batch(es) (every {stride}th)"
 
 
-def _take_samples(batches: list[tuple], n: int) -> list[tuple]:
-    """About n samples' worth of batches, spread evenly over the list (not just its head)."""
-    sizes = [b[0].shape[0] if b[0].dim() else 1 for b in batches]
-    total = sum(sizes)
-    if total <= n:
-        return list(batches)
-    k = max(1, round(len(batches) * n / total))
-    step = len(batches) / k
-    return [batches[int(i * step)] for i in range(k)]
-
-
 def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target = "cpu",
             budget: Budget | float | str | None = None, calibration: Iterable[tuple] | None = None, *,
             options: dict[str, Any] | None = None, progress: bool = False) -> CompiledModel:
@@ -153,7 +142,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
     else:
         batches = check_batches(list(calibration), n_inputs)
     fit, held, held_what = _split(batches, float(options.get("holdout", 0.125)))
-    sens = _take_samples(fit, int(options.get("sensitivity_samples", 256)))
+    sens = take_samples(fit, int(options.get("sensitivity_samples", 256)))
 
     m = match(g, list(options.get("rules", DEFAULT_RULES)), options)
     dims = example_dims(g, example_inputs)

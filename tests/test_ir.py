@@ -73,9 +73,11 @@ GOLDEN = """\
 %transpose_2 = aten.transpose.int(%view_2, 1, 2) : f32[B, 2, L, 8]
 %_assert_tensor_metadata_default = aten._assert_tensor_metadata.default(%mask, dtype=i64, device=cpu, layout=torch.strided) : sym
 %to = aten.to.dtype(%mask, bool) : bool[B, L]
-%unsqueeze = aten.unsqueeze.default(%to, 1) : bool[B, 1, L]
+%slice_1 = aten.slice.Tensor(%to, 0, 0, 9223372036854775807) : bool[B, L]
+%unsqueeze = aten.unsqueeze.default(%slice_1, 1) : bool[B, 1, L]
 %unsqueeze_1 = aten.unsqueeze.default(%unsqueeze, 2) : bool[B, 1, 1, L]
-%scaled_dot_product_attention = aten.scaled_dot_product_attention.default(%transpose, %transpose_1, %transpose_2, %unsqueeze_1) : f32[B, 2, L, 8]
+%slice_2 = aten.slice.Tensor(%unsqueeze_1, 3, 0, 9223372036854775807) : bool[B, 1, 1, L]
+%scaled_dot_product_attention = aten.scaled_dot_product_attention.default(%transpose, %transpose_1, %transpose_2, %slice_2) : f32[B, 2, L, 8]
 %transpose_3 = aten.transpose.int(%scaled_dot_product_attention, 1, 2) : f32[B, L, 2, 8]
 %reshape = aten.reshape.default(%transpose_3, [%sym_size_int_6, %sym_size_int_5, 16]) : f32[B, L, 16]
 %linear_1 = linear(%reshape, %p_out_weight, %p_out_bias) : f32[B, L, 16]

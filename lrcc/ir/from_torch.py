@@ -29,8 +29,9 @@ def symbol(name: str) -> sympy.Symbol:
 def default_dynamic_shapes(example_inputs: tuple) -> list[dict[int, Any] | None]:
     """Dynamic dims to ask torch.export for: dim 0 of every tensor is the batch B; dim 1 is the
     sequence L for integer (token) tensors of rank 2 and for float tensors of rank 3."""
-    B = torch.export.Dim("B", min=1, max=1 << 16)
-    L = torch.export.Dim("L", min=2, max=1 << 16)
+    # Dim.AUTO lets export infer each dim's range (L <= 512 for a model with 512 positions) and
+    # keep a dim static where the model needs it so, instead of failing.
+    B = L = torch.export.Dim.AUTO
     spec: list[dict[int, Any] | None] = []
     for x in example_inputs:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
@@ -101,6 +102,14 @@ def _dim_names(ep: torch.export.ExportedProgram) -> dict[sympy.Symbol, sympy.Sym
     return names
 
 
+def _bound(value, default: int) -> int:
+    """An int from a value-range bound; infinite or missing bounds give `default`."""
+    try:
+        return int(value) if value is not None and abs(float(value)) < float(1 << 62) else default
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return default
+
+
 def _to_expr(size, names: dict) -> sympy.Expr:
     if isinstance(size, torch.SymInt):
         return sympy.sympify(size.node.expr).xreplace(names)
@@ -122,8 +131,8 @@ def import_exported(ep: torch.export.ExportedProgram) -> Graph:
     g.symbols = {}
     for sym, readable in names.items():
         vr = ep.range_constraints.get(sym)
-        lo = int(vr.lower) if vr is not None else 1
-        hi = int(vr.upper) if vr is not None and vr.upper.is_finite else 1 << 31
+        lo = _bound(vr.lower if vr is not None else None, 1)
+        hi = _bound(vr.upper if vr is not None else None, 1 << 31)
         g.symbols[str(readable)] = (lo, hi)
 
     consts = dict(ep.state_dict)

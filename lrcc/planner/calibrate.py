@@ -41,6 +41,17 @@ def check_batches(batches: list[tuple], num_inputs: int, what: str = "calibratio
     return out
 
 
+def take_samples(batches: list[tuple], n: int) -> list[tuple]:
+    """About n samples' worth of batches, spread evenly over the list (not just its head)."""
+    sizes = [b[0].shape[0] if b[0].dim() else 1 for b in batches]
+    total = sum(sizes)
+    if total <= n:
+        return list(batches)
+    k = max(1, round(len(batches) * n / total))
+    step = len(batches) / k
+    return [batches[int(i * step)] for i in range(k)]
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
@@ -145,12 +156,12 @@ def collect_sensitivity(lowered, batches: list[tuple], families: dict[str, tuple
                 output = output.detach().requires_grad_(True)
 
             def on_grad(g: torch.Tensor):
-                xs = saved.pop(site)
+                xs = saved[site]
                 bsz = g.shape[0]
                 gf = g.detach().reshape(bsz, -1, g.shape[-1]).float()
                 xf = xs.reshape(bsz, -1, xs.shape[-1]).float()
-                gr = _rows(gf).double()
-                acc = gr.T @ gr
+                gr = _rows(gf)
+                acc = (gr.T @ gr).double()
                 sens.out_metric[site] = sens.out_metric[site] + acc if site in sens.out_metric else acc
                 for fam, spec in by_site.get(site, []):
                     c = ((gf @ spec.left) * (xf @ spec.right)).sum(1) * spec.sigma  # bsz x k
@@ -165,15 +176,16 @@ def collect_sensitivity(lowered, batches: list[tuple], families: dict[str, tuple
         hooks.append(lowered.site(site).register_forward_hook(make_hook(site)))
     try:
         for k, batch in enumerate(batches):
-            for p in range(probes):
-                with torch.enable_grad():
-                    y = flat_outputs(lowered(*batch))
+            # one forward pass, one backward pass per probe
+            with torch.enable_grad():
+                y = flat_outputs(lowered(*batch))
+                for p in range(probes):
                     z = torch.randn(y.shape, generator=gen, dtype=y.dtype)
                     if y.requires_grad:
-                        (y * z).sum().backward()
-                sens.output_energy += float((y.detach().double() ** 2).sum())
-                if p == 0:
-                    sens.samples += y.shape[0]
+                        (y * z).sum().backward(retain_graph=p < probes - 1)
+            saved.clear()
+            sens.output_energy += probes * float((y.detach().double() ** 2).sum())
+            sens.samples += y.shape[0]
             if progress:
                 progress(f"output sensitivity: batch {k + 1}/{len(batches)}")
     finally:

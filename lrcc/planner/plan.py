@@ -17,6 +17,7 @@ from ..rewrites.rule import Candidate, Match
 from ..targets import Target
 from ..targets.cost import graph_latency, op_cost, site_cost
 from . import calibrate
+from .calibrate import take_samples
 from .sequential import sequential_refit
 from .solve import Option, minimum_reachable, solve
 
@@ -78,8 +79,18 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     sites = [s for s in match.candidates]
     node_of = {n.attrs["site"]: n for n in g.sites()}
 
-    stats = calibrate.collect_input_stats(original, fit_batches, sites, progress)
+    # With sequential refit the final factors are fitted on all of fit_batches; the whitened spectra
+    # only serve to price candidates, for which a spread-out subset is enough.
+    stat_batches = fit_batches
+    if options.get("sequential", True):
+        stat_batches = take_samples(fit_batches, int(options.get("stats_samples", 512)))
+    stats = calibrate.collect_input_stats(original, stat_batches, sites, progress)
     timings["input statistics"] = time.perf_counter() - t0
+    for site in sites:
+        n_in = stats.xtx(site).shape[0]
+        if stats.tokens.get(site, 0) < n_in:
+            notes.append(f"layer {site}: only {stats.tokens.get(site, 0)} calibration rows for {n_in} inputs; "
+                         "activation-aware fits may over-fit: give more calibration data")
 
     t1 = time.perf_counter()
     families: dict[str, tuple[str, Any]] = {}
@@ -93,7 +104,7 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     timings["factorisation"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    sens = calibrate.collect_sensitivity(original, sens_batches, families, probes=int(options.get("probes", 2)),
+    sens = calibrate.collect_sensitivity(original, sens_batches, families, probes=int(options.get("probes", 3)),
                                          seed=int(options.get("seed", 0)), progress=progress)
     errors = {fam: sens.truncation_errors(fam) for fam in families}
     timings["output sensitivity"] = time.perf_counter() - t2

@@ -4,7 +4,7 @@ The original and the compressed graph module are walked node by node in lock ste
 calibration batches at once. When a compressed site is reached, its inputs in the compressed
 model (Xc) and in the original (X) are both at hand, so its factors are refit in closed form to
 reproduce the original layer's outputs from what the compressed model really feeds it
-(see rewrites/low_rank.py: refit_factors). Later sites then see the refit earlier ones.
+(see rewrites/low_rank.py: reduced_rank_regression). Later sites then see the refit earlier ones.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch.fx.node import map_arg
 
 from ..errors import LrccError
-from ..rewrites.low_rank import refit_factors
+from ..rewrites.low_rank import reduced_rank_regression
 
 
 def _eval(gm: torch.fx.GraphModule, node: torch.fx.Node, env: dict):
@@ -63,21 +63,29 @@ def sequential_refit(original, compressed, batches: list[tuple], ranks: dict[str
                 break
             site = module_site.get(nc.target) if nc.op == "call_module" else None
             if site in ranks:
-                xin_c, xin_o = nc.args[0], no.args[0]
+                # the original layer's output (less its bias) is the regression target Y
+                bias = go.get_submodule(no.target).bias
+                for k in range(len(batches)):
+                    envs_o[k][no] = _eval(go, no, envs_o[k])
+                xin_c = nc.args[0]
                 n_in = weights[site].shape[1]
-                if xin_c not in shared:  # sites fed by one value (q, k, v) share the sums
+                if xin_c not in shared:  # sites fed by one value (q, k, v) share X^T X
                     h = torch.zeros(n_in, n_in, dtype=torch.float64)
-                    cross = torch.zeros(n_in, n_in, dtype=torch.float64)
-                    for ec, eo in zip(envs_c, envs_o):
+                    for ec in envs_c:
                         xc = ec[xin_c].reshape(-1, n_in).float()
-                        xo = eo[xin_o].reshape(-1, n_in).float()
                         h += (xc.T @ xc).double()
-                        cross += (xc.T @ xo).double()
                     shared.clear()
-                    shared[xin_c] = (h, cross)
-                h, cross = shared[xin_c]
+                    shared[xin_c] = h
+                h = shared[xin_c]
+                xty = torch.zeros(n_in, weights[site].shape[0], dtype=torch.float64)
+                for ec, eo in zip(envs_c, envs_o):
+                    xc = ec[xin_c].reshape(-1, n_in).float()
+                    y = eo[no].reshape(-1, eo[no].shape[-1])
+                    if bias is not None:
+                        y = y - bias
+                    xty += (xc.T @ y).double()
                 metric = out_metrics.get(site) if out_metrics else None
-                v, u = refit_factors(weights[site], h, cross, ranks[site], metric, ridge, site)
+                v, u = reduced_rank_regression(h, xty, ranks[site], metric, ridge, site)
                 mod = gc.get_submodule(nc.target)
                 mod.v, mod.u = v, u
                 result[site] = (v, u)
@@ -90,7 +98,8 @@ def sequential_refit(original, compressed, batches: list[tuple], ranks: dict[str
                     envs_o[k][no] = batch[idx]
                     envs_c[k][nc] = batch[idx]
                     continue
-                envs_o[k][no] = _eval(go, no, envs_o[k])
+                if no not in envs_o[k]:
+                    envs_o[k][no] = _eval(go, no, envs_o[k])
                 envs_c[k][nc] = _eval(gc, nc, envs_c[k])
             for a in nc.all_input_nodes:
                 if last_use.get(a) == i:

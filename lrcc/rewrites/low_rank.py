@@ -79,11 +79,17 @@ def refit_factors(w: torch.Tensor, xtx_c: torch.Tensor, xtx_cross: torch.Tensor,
     xtx_c = Xc^T Xc, xtx_cross = Xc^T X (X: the original model's inputs to this layer),
     out_metric: an m x m PSD weighting of output channels (None: identity).
     """
+    return reduced_rank_regression(xtx_c, xtx_cross.double() @ w.double().T, rank, out_metric, ridge, what)
+
+
+def reduced_rank_regression(xtx_c: torch.Tensor, xty: torch.Tensor, rank: int, out_metric: torch.Tensor | None = None,
+                            ridge: float = 1e-3, what: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-r B minimising ||(Xc B^T - Y) K||_F (+ ridge) from xtx_c = Xc^T Xc and xty = Xc^T Y: (V, U), B = U V."""
     h = xtx_c.double()
     n = h.shape[0]
     h = h + ridge * float(h.diagonal().mean()) * torch.eye(n, dtype=h.dtype)
     chol = _cholesky(h, what)
-    rhs = xtx_cross.double() @ w.double().T  # Xc^T Y, n x m
+    rhs = xty.double()  # Xc^T Y, n x m
     if out_metric is not None:
         k = _cholesky(out_metric.double(), what + " (output metric)")
         rhs = rhs @ k
