@@ -144,6 +144,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
     fit, held, held_what = _split(batches, float(options.get("holdout", 0.125)))
     sens = take_samples(fit, int(options.get("sensitivity_samples", 256)))
 
+    if bud.bytes is not None or bud.latency is not None:
+        options.setdefault("lowrank_fp16", True)  # fp16 factors halve the bytes at no measurable error
     m = match(g, list(options.get("rules", DEFAULT_RULES)), options)
     dims = example_dims(g, example_inputs)
     reference = lower_to_torch(g)
@@ -173,7 +175,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
     timings = dict(result.timings)
     timings["total"] = time.perf_counter() - t_start
     report = Report(rows, totals, tgt.name, str(bud), notes, measured, timings,
-                    [{"site": s, "rule": r, "reason": why} for s, r, why in m.rejected])
+                    [{"site": s, "rule": r, "reason": why} for s, r, why in m.rejected]
+                    + [{"site": s, "rule": "planner", "reason": why} for s, why in result.dropped])
     if bud.max_error is not None and measured["rel_error"] > bud.max_error:
         if options.get("strict", True):
             raise LrccError(f"the compiled model's output error {measured['rel_error']:.3e} on {held_what} exceeds "

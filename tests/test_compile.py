@@ -194,7 +194,7 @@ def test_latency_budget_on_a100() -> None:
     t = cm.report.totals
     assert cm.report.target == "a100"
     assert t["model_latency_after_s"] <= 0.8 * t["model_latency_before_s"]
-    assert t["params_after"] < t["params_before"]
+    assert t["bytes_after"] < t["bytes_before"]  # cheaper forms (low-rank or quantised) were chosen
     x = torch.randn(3, 512)
     with torch.no_grad():
         assert cm(x).shape == (3, 512)

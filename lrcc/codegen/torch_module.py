@@ -45,6 +45,36 @@ class LowRankLinear(nn.Module):
         return F.linear(F.linear(x, self.v), self.u, self.bias)
 
 
+class CompressedLinear(nn.Module):
+    """y = x M^T + (x V^T) U^T + b with M quantised (dequantised on the fly), sparse, or absent."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], m: int, n: int, bits: int | None, cols: int | None) -> None:
+        super().__init__()
+        for role in ("codes", "scale", "zero", "in_scale", "values", "cols", "rowptr", "v", "u", "bias"):
+            self.register_buffer(role, parts.get(role))
+        self.m, self.n, self.bits, self.cols_padded = m, n, bits, cols
+
+    def main_weight(self) -> torch.Tensor | None:
+        if self.codes is not None:
+            from ..rewrites.quantize import dequantize, unpack
+            w = dequantize(unpack(self.codes, self.bits, self.cols_padded), self.scale, self.zero, self.n)
+            return w / self.in_scale.float() if self.in_scale is not None else w
+        if self.values is not None:
+            rows = torch.repeat_interleave(torch.arange(self.m), (self.rowptr[1:] - self.rowptr[:-1]).long())
+            w = torch.zeros(self.m, self.n)
+            w[rows, self.cols.long()] = self.values.float()
+            return w
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.main_weight()
+        bias = self.bias
+        if self.v is None:
+            return F.linear(x, w, bias)
+        low = F.linear(F.linear(x, self.v.float()), self.u.float(), bias)
+        return low if w is None else low + F.linear(x, w)
+
+
 def site_module(g: Graph, n: Node) -> nn.Module:
     """The torch module computing one site node."""
     ts = [g.tensor(i) for i in n.inputs[1:]]
@@ -52,6 +82,9 @@ def site_module(g: Graph, n: Node) -> nn.Module:
         return DenseLinear(ts[0], ts[1] if len(ts) > 1 else None)
     if n.op == "lowrank_linear":
         return LowRankLinear(ts[0], ts[1], ts[2] if len(ts) > 2 else None)
+    if n.op == "compressed_linear":
+        return CompressedLinear(dict(zip(n.attrs["roles"], ts)), n.attrs["m"], n.attrs["n"], n.attrs.get("bits"),
+                                n.attrs.get("cols"))
     raise LrccError(f"codegen torch: {n.name!r} ({n.op}) is not a site")
 
 

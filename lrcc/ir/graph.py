@@ -7,6 +7,9 @@ A Graph is an ordered list of Nodes (always in topological order) plus the tenso
 - ``param``: a constant tensor (``attrs["ref"]`` names it in ``Graph.tensors``);
 - ``linear``: y = x W^T + b, inputs (x, W, b?), the sites rewrite rules look at;
 - ``lowrank_linear``: y = (x V^T) U^T + b, inputs (x, V, U, b?), V is r x n, U is m x r;
+- ``compressed_linear``: y = x M^T + (x V^T) U^T + b, where the main part M is quantised
+  (codes, scale, zero, optional AWQ in_scale), sparse (values, cols, rowptr) or absent, and the
+  low-rank branch (v, u) optional; ``attrs["roles"]`` names each input after x;
 - ``aten``: any other ATen operator, kept opaque: ``attrs["target"]`` is the operator,
   ``attrs["args"]`` / ``attrs["kwargs"]`` its arguments with other nodes as ``Ref``s;
 - ``output``: the graph's results, ``attrs["args"]`` a flat list of Refs.
@@ -24,7 +27,7 @@ import torch
 
 from ..errors import LrccError
 
-SITE_OPS = ("linear", "lowrank_linear")
+SITE_OPS = ("linear", "lowrank_linear", "compressed_linear")
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,8 @@ def verify(g: Graph) -> None:
             _verify_linear(g, n)
         elif n.op == "lowrank_linear":
             _verify_lowrank(g, n)
+        elif n.op == "compressed_linear":
+            _verify_compressed(g, n)
         elif n.op != "input":
             raise LrccError(f"IR verify: node {n.name!r} has unknown op {n.op!r}")
         seen.add(n.name)
@@ -287,6 +292,26 @@ def _verify_lowrank(g: Graph, n: Node) -> None:
     x = g[n.inputs[0]]
     if x.shape is not None and sympy.simplify(x.shape[-1] - v.shape[1]) != 0:
         raise LrccError(f"IR verify: lowrank_linear {n.name!r}: input features {x.shape[-1]} != V columns {v.shape[1]}")
+
+
+_COMPRESSED_ROLES = {"codes", "scale", "zero", "in_scale", "values", "cols", "rowptr", "v", "u", "bias"}
+
+
+def _verify_compressed(g: Graph, n: Node) -> None:
+    roles = n.attrs.get("roles", [])
+    if len(roles) != len(n.inputs) - 1 or set(roles) - _COMPRESSED_ROLES or len(set(roles)) != len(roles):
+        raise LrccError(f"IR verify: compressed_linear {n.name!r}: roles {roles} do not match its {len(n.inputs) - 1} tensors")
+    have = set(roles)
+    for group in ({"codes", "scale", "zero"}, {"values", "cols", "rowptr"}, {"v", "u"}):
+        if have & group and not group <= have:
+            raise LrccError(f"IR verify: compressed_linear {n.name!r}: needs all of {sorted(group)}, has {sorted(have & group)}")
+    if not have & {"codes", "values", "v"}:
+        raise LrccError(f"IR verify: compressed_linear {n.name!r}: has no quantised, sparse or low-rank part")
+    for k in range(1, len(n.inputs)):
+        _weight(g, n, k)
+    for key in ("m", "n"):
+        if not isinstance(n.attrs.get(key), int):
+            raise LrccError(f"IR verify: compressed_linear {n.name!r}: attribute {key!r} missing")
 
 
 def numel(shape: tuple) -> sympy.Expr:

@@ -17,7 +17,10 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import CalibrationError
-from ..rewrites.rule import Spectrum
+from ..rewrites.rule import Delta, Spectrum
+
+
+DELTA_GROUP = 4  # samples per group when pricing explicit weight changes (see collect_sensitivity)
 
 
 def check_batches(batches: list[tuple], num_inputs: int, what: str = "calibration") -> list[tuple]:
@@ -134,7 +137,7 @@ class Sensitivity:
         return (err / max(self.output_energy, 1e-30)).float()
 
 
-def collect_sensitivity(lowered, batches: list[tuple], families: dict[str, tuple[str, Spectrum]], probes: int = 2,
+def collect_sensitivity(lowered, batches: list[tuple], families: dict[str, tuple[str, "Spectrum | Delta"]], probes: int = 2,
                         seed: int = 0, progress: Callable[[str], None] | None = None) -> Sensitivity:
     """Forward + backward with random output probes; prices every truncation of every family.
 
@@ -164,14 +167,38 @@ def collect_sensitivity(lowered, batches: list[tuple], families: dict[str, tuple
                 acc = (gr.T @ gr).double()
                 sens.out_metric[site] = sens.out_metric[site] + acc if site in sens.out_metric else acc
                 for fam, spec in by_site.get(site, []):
-                    c = ((gf @ spec.left) * (xf @ spec.right)).sum(1) * spec.sigma  # bsz x k
-                    sens.contributions.setdefault(fam, []).append(c.detach())
+                    if not spec.needs_wgrad:
+                        c = spec.contributions(xf, gf)  # bsz x k
+                        sens.contributions.setdefault(fam, []).append(c.detach())
+                if site in deltas:
+                    # explicit dW: <dW, G_s> with G_s = sum_t g_t x_t^T, for all of the site's candidates
+                    # in one product (bsz x mn) @ (mn x C)
+                    # Samples are taken in groups of DELTA_GROUP: the probes z are independent across
+                    # samples, so cross terms inside a group vanish in expectation (unbiased, a little
+                    # noisier), and the per-group gradients cost DELTA_GROUP times less memory traffic.
+                    names, stacked = deltas[site]
+                    k = DELTA_GROUP
+                    pad = (-bsz) % k
+                    gp = torch.nn.functional.pad(gf, (0, 0, 0, 0, 0, pad)) if pad else gf
+                    xp = torch.nn.functional.pad(xf, (0, 0, 0, 0, 0, pad)) if pad else xf
+                    groups = gp.shape[0] // k
+                    gp = gp.reshape(groups, -1, gp.shape[-1])
+                    xp = xp.reshape(groups, -1, xp.shape[-1])
+                    wgrad = torch.bmm(gp.transpose(1, 2), xp).reshape(groups, -1)
+                    c_all = wgrad @ stacked
+                    for j, fam in enumerate(names):
+                        sens.contributions.setdefault(fam, []).append(c_all[:, j:j + 1].detach())
                 return None
 
             output.register_hook(on_grad)
             return output
         return hook
 
+    deltas: dict[str, tuple[list[str], torch.Tensor]] = {}
+    for site, fams in by_site.items():
+        explicit = [(fam, spec) for fam, spec in fams if spec.needs_wgrad]
+        if explicit:
+            deltas[site] = ([f for f, _ in explicit], torch.stack([spec.dw.reshape(-1).float() for _, spec in explicit], dim=1))
     for site in by_site:
         hooks.append(lowered.site(site).register_forward_hook(make_hook(site)))
     try:

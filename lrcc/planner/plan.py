@@ -12,8 +12,9 @@ from ..budget import Budget
 from ..codegen.torch_module import lower_to_torch
 from ..errors import BudgetError, LrccError
 from ..ir.graph import Graph, verify
-from ..rewrites.low_rank import replace_with_lowrank
-from ..rewrites.rule import Candidate, Match
+from ..rewrites.low_rank import reduced_rank_regression, replace_with_lowrank
+from ..rewrites.quantize import QuantSpec, quant_parts, quantize_gptq, stored_weight
+from ..rewrites.rule import Candidate, Delta, Match, replace_site
 from ..targets import Target
 from ..targets.cost import graph_latency, op_cost, site_cost
 from . import calibrate
@@ -49,6 +50,7 @@ class PlanResult:
     caps: dict[str, float] = field(default_factory=dict)
     predicted_error: float = 0.0
     frontier: list[tuple[float, float]] = field(default_factory=list)  # (params, predicted error) per option
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # sites left alone: (site, reason)
 
 
 def example_dims(g: Graph, example_inputs: tuple) -> dict[str, int]:
@@ -92,17 +94,36 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
             notes.append(f"layer {site}: only {stats.tokens.get(site, 0)} calibration rows for {n_in} inputs; "
                          "activation-aware fits may over-fit: give more calibration data")
 
+    # Costs are known before any factorisation: drop candidates that save nothing the budget asks for.
+    resources = [r for r in ("params", "bytes", "latency") if getattr(budget, r) is not None] or ["params"]
+    candidates: dict[str, list[Candidate]] = {}
+    dropped: list[tuple[str, str]] = []
+    for site, cands in match.candidates.items():
+        n = node_of[site]
+        keep_cost = {"params": g.param_count(n), "bytes": _site_bytes(g, n), "latency": op_cost(g, n).latency(target, dims)}
+        useful = []
+        for c in cands:
+            cost = {"params": c.params, "bytes": c.bytes, "latency": _cand_latency(g, n, c, target, dims)}
+            if any(cost[r] < keep_cost[r] for r in resources):
+                useful.append(c)
+        if useful:
+            candidates[site] = useful
+        else:
+            dropped.append((site, f"no candidate saves {' or '.join(resources)}"))
+    sites = [s for s in sites if s in candidates]
+
     t1 = time.perf_counter()
     families: dict[str, tuple[str, Any]] = {}
-    for site, cands in match.candidates.items():
+    for site, cands in candidates.items():
         for c in cands:
             if c.family not in families:
                 try:
                     families[c.family] = (site, c.spectrum(stats))
                 except ValueError as e:
                     raise LrccError(f"layer {site}: {e}") from None
-    timings["factorisation"] = time.perf_counter() - t1
-
+        if progress:
+            progress(f"candidates: {site} ({len(cands)})")
+    timings["candidates"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     sens = calibrate.collect_sensitivity(original, sens_batches, families, probes=int(options.get("probes", 3)),
                                          seed=int(options.get("seed", 0)), progress=progress)
@@ -115,17 +136,15 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     for site in sites:
         n = node_of[site]
         p0 = g.param_count(n)
-        b0 = sum(g.tensor(i).numel() * g.tensor(i).element_size() for i in n.inputs[1:])
+        b0 = _site_bytes(g, n)
         lat0 = op_cost(g, n).latency(target, dims)
         total_params += p0
         total_bytes += b0
         opts = [Option(0.0, {"params": p0, "bytes": b0, "latency": lat0}, None)]
-        x = g[n.inputs[0]]
-        for c in match.candidates[site]:
-            rows = _rows_expr(x.shape)
-            cost = site_cost(rows, c.weight_shapes, c.bytes, _bytes_of(x), _bytes_of(n))
-            err = float(errors[c.family][c.knobs["rank"]])
-            opts.append(Option(err, {"params": c.params, "bytes": c.bytes, "latency": cost.latency(target, dims)}, c))
+        for c in candidates[site]:
+            err = float(errors[c.family][c.index])
+            opts.append(Option(err, {"params": c.params, "bytes": c.bytes,
+                                     "latency": _cand_latency(g, n, c, target, dims)}, c))
         table[site] = opts
     model_latency = graph_latency(g, target, dims)
     fixed_latency = model_latency - sum(o[0].costs["latency"] for o in table.values())
@@ -171,15 +190,18 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
         error_cap *= 0.8 * max_error / measured
         t3 = time.perf_counter()
     frontier = [(o.costs["params"], o.error) for opts in table.values() for o in opts]
-    return PlanResult(new, decisions, timings, notes, caps, predicted, frontier)
+    return PlanResult(new, decisions, timings, notes, caps, predicted, frontier, dropped)
 
 
 def _apply(g, sites, table, choice, families, node_of, original, sens, fit_batches, options, timings, progress):
     """Rewrite the chosen candidates into a copy of g and refit them sequentially."""
     new = g.copy()
     decisions: list[Decision] = []
-    ranks: dict[str, int] = {}
+    fits: dict[str, Any] = {}
+    refs: dict[str, dict[str, str]] = {}  # site -> role -> tensor name in the graph
     predicted = 0.0
+    damp = float(options.get("metric_damping", 0.1))
+    ridge = float(options.get("ridge", 1e-3))
     for site in sites:
         opt = table[site][choice[site]]
         keep = table[site][0]
@@ -190,36 +212,84 @@ def _apply(g, sites, table, choice, families, node_of, original, sens, fit_batch
             decisions.append(Decision(site, "-", "dense", keep.costs["params"], keep.costs["params"], keep.costs["bytes"],
                                       keep.costs["bytes"], keep.costs["latency"], keep.costs["latency"], 0.0, None, reason))
             continue
-        spec = families[c.family][1]
-        v, u = spec.factors(c.knobs["rank"])
-        replace_with_lowrank(new, c.node, v, u)
-        if c.knobs["method"] == "whitened" and options.get("sequential", True):
-            ranks[site] = c.knobs["rank"]
-        reason = (f"predicted output error {opt.error:.2e} for {keep.costs['params'] - opt.costs['params']:,} "
-                  f"parameters saved")
+        fam = families[c.family][1]
+        if isinstance(fam, Delta):
+            replace_site(new, c.node, dict(fam.parts), dict(fam.attrs))
+            refs[site] = {role: f"{site}.{role}" for role in fam.parts}
+        else:
+            v, u = fam.factors(c.knobs["rank"])
+            if c.knobs.get("dtype") == "float16":
+                w = g.tensor(node_of[site].inputs[1])
+                replace_site(new, c.node, {"v": v.half(), "u": u.half()},
+                             {"m": int(w.shape[0]), "n": int(w.shape[1]), "rank": int(c.knobs["rank"])})
+                refs[site] = {"v": f"{site}.v", "u": f"{site}.u"}
+            else:
+                replace_with_lowrank(new, c.node, v, u)
+                refs[site] = {"v": f"{site}.lowrank_v", "u": f"{site}.lowrank_u"}
+        if options.get("sequential", True) and c.refit != "none" and (c.refit != "lowrank" or c.knobs.get("method") == "whitened"):
+            metric = sens.out_metric.get(site) if options.get("output_metric", True) else None
+            if metric is not None:
+                metric = metric + damp * float(metric.diagonal().mean()) * torch.eye(metric.shape[0], dtype=metric.dtype)
+            fits[site] = _refit_fn(c, fam, metric, ridge, site)
+        reason = (f"predicted output error {opt.error:.2e} for {keep.costs['bytes'] - opt.costs['bytes']:,} bytes "
+                  f"and {keep.costs['params'] - opt.costs['params']:,} parameters saved")
         decisions.append(Decision(site, c.rule, c.choice, keep.costs["params"], opt.costs["params"], keep.costs["bytes"],
                                   opt.costs["bytes"], keep.costs["latency"], opt.costs["latency"], opt.error, c, reason))
     new.remove_unused_params()
     verify(new)
-    if ranks:
+    if fits:
         t4 = time.perf_counter()
         compressed = lower_to_torch(new)
-        weights = {s: g.tensor(node_of[s].inputs[1]) for s in ranks}
-        metrics = None
-        if options.get("output_metric", True):
-            damp = float(options.get("metric_damping", 0.1))
-            metrics = {s: m + damp * float(m.diagonal().mean()) * torch.eye(m.shape[0], dtype=m.dtype)
-                       for s, m in sens.out_metric.items() if s in ranks}
-        refit = sequential_refit(original, compressed, fit_batches, ranks, weights, metrics,
-                                 ridge=float(options.get("ridge", 1e-3)), progress=progress)
-        for site, (v, u) in refit.items():
-            new.tensors[f"{site}.lowrank_v"] = v
-            new.tensors[f"{site}.lowrank_u"] = u
+        refit = sequential_refit(original, compressed, fit_batches, fits, progress=progress)
+        for site, parts in refit.items():
+            for role, t in parts.items():
+                new.tensors[refs[site][role]] = t
         for d in decisions:
             if d.site in refit:
                 d.choice += " + sequential refit"
         timings["sequential refit"] = timings.get("sequential refit", 0.0) + time.perf_counter() - t4
     return new, decisions, predicted
+
+
+def _refit_fn(c: Candidate, fam, metric, ridge: float, site: str):
+    """How a chosen candidate is refit on the compressed model's inputs (see sequential.py)."""
+    if c.refit == "lowrank":
+        r = int(c.knobs["rank"])
+        half = c.knobs.get("dtype") == "float16"
+
+        def lowrank(h, xty):
+            v, u = reduced_rank_regression(h, xty, r, metric, ridge, site)
+            return {"v": v.half(), "u": u.half()} if half else {"v": v, "u": u}
+        return lowrank
+    if c.refit == "quant":
+        spec = QuantSpec(int(c.knobs["bits"]), int(c.knobs["group"]))
+
+        def quant(h, xty):
+            # least-squares weight for the compressed inputs, then GPTQ with their Hessian
+            n = h.shape[0]
+            reg = h + ridge * float(h.diagonal().mean()) * torch.eye(n, dtype=h.dtype)
+            w_star = torch.linalg.solve(reg, xty).T.float()
+            return quant_parts(*quantize_gptq(w_star, h, spec), spec)
+        return quant
+    if c.refit in ("lq", "sparse"):
+        r = int(c.knobs["rank"])
+        main = {k: v for k, v in fam.parts.items() if k not in ("v", "u")}
+        fixed = stored_weight(main, {**fam.attrs}).double()  # the quantised / sparse part stays
+
+        def low(h, xty):
+            v, u = reduced_rank_regression(h, xty - h @ fixed.T, r, metric, ridge, site)
+            return {"v": v.half(), "u": u.half()}
+        return low
+    raise LrccError(f"layer {site}: unknown refit kind {c.refit!r}")
+
+
+def _site_bytes(g: Graph, n) -> int:
+    return sum(g.tensor(i).numel() * g.tensor(i).element_size() for i in n.inputs[1:])
+
+
+def _cand_latency(g: Graph, n, c: Candidate, target: Target, dims: dict[str, int]) -> float:
+    x = g[n.inputs[0]]
+    return site_cost(_rows_expr(x.shape), c.weight_shapes, c.bytes, _bytes_of(x), _bytes_of(n)).latency(target, dims)
 
 
 def _rows_expr(shape):

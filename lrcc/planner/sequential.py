@@ -4,7 +4,7 @@ The original and the compressed graph module are walked node by node in lock ste
 calibration batches at once. When a compressed site is reached, its inputs in the compressed
 model (Xc) and in the original (X) are both at hand, so its factors are refit in closed form to
 reproduce the original layer's outputs from what the compressed model really feeds it
-(see rewrites/low_rank.py: reduced_rank_regression). Later sites then see the refit earlier ones.
+(see planner/plan.py: the refit functions). Later sites then see the refit earlier ones.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 from torch.fx.node import map_arg
 
 from ..errors import LrccError
-from ..rewrites.low_rank import reduced_rank_regression
 
 
 def _eval(gm: torch.fx.GraphModule, node: torch.fx.Node, env: dict):
@@ -32,13 +31,17 @@ def _eval(gm: torch.fx.GraphModule, node: torch.fx.Node, env: dict):
     raise LrccError(f"sequential calibration: cannot evaluate FX node {node.name} ({node.op})")
 
 
-def sequential_refit(original, compressed, batches: list[tuple], ranks: dict[str, int],
-                     weights: dict[str, torch.Tensor], out_metrics: dict[str, torch.Tensor] | None = None,
-                     ridge: float = 1e-3, progress: Callable[[str], None] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Refit the sites in `ranks` (site -> rank) in graph order; returns site -> (V, U).
+Refit = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def sequential_refit(original, compressed, batches: list[tuple], fits: dict[str, Refit],
+                     progress: Callable[[str], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Refit the sites in `fits` in graph order; returns site -> {role: new tensor}.
 
     original / compressed: Lowered modules of the same graph before and after the rewrite.
-    weights: site -> the original weight W. The compressed module's sites are updated in place.
+    fits: site -> fn(Xc^T Xc, Xc^T Y) giving the site's new tensors by role (Y: the original layer's
+    output less its bias, Xc: the compressed model's input to it). The compressed module's sites
+    are updated in place, so later sites see the refit earlier ones.
     """
     go, gc = original.gm, compressed.gm
     nodes_o, nodes_c = list(go.graph.nodes), list(gc.graph.nodes)
@@ -52,7 +55,7 @@ def sequential_refit(original, compressed, batches: list[tuple], ranks: dict[str
             last_use[a] = i
     envs_o: list[dict] = [dict() for _ in batches]
     envs_c: list[dict] = [dict() for _ in batches]
-    result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    result: dict[str, dict[str, torch.Tensor]] = {}
     done = 0
     shared: dict = {}
     with torch.no_grad():
@@ -62,13 +65,14 @@ def sequential_refit(original, compressed, batches: list[tuple], ranks: dict[str
             if nc.op == "output":
                 break
             site = module_site.get(nc.target) if nc.op == "call_module" else None
-            if site in ranks:
+            if site in fits:
                 # the original layer's output (less its bias) is the regression target Y
                 bias = go.get_submodule(no.target).bias
                 for k in range(len(batches)):
                     envs_o[k][no] = _eval(go, no, envs_o[k])
                 xin_c = nc.args[0]
-                n_in = weights[site].shape[1]
+                n_in = envs_c[0][xin_c].shape[-1]
+                m_out = envs_o[0][no].shape[-1]
                 if xin_c not in shared:  # sites fed by one value (q, k, v) share X^T X
                     h = torch.zeros(n_in, n_in, dtype=torch.float64)
                     for ec in envs_c:
@@ -77,21 +81,21 @@ def sequential_refit(original, compressed, batches: list[tuple], ranks: dict[str
                     shared.clear()
                     shared[xin_c] = h
                 h = shared[xin_c]
-                xty = torch.zeros(n_in, weights[site].shape[0], dtype=torch.float64)
+                xty = torch.zeros(n_in, m_out, dtype=torch.float64)
                 for ec, eo in zip(envs_c, envs_o):
                     xc = ec[xin_c].reshape(-1, n_in).float()
                     y = eo[no].reshape(-1, eo[no].shape[-1])
                     if bias is not None:
                         y = y - bias
                     xty += (xc.T @ y).double()
-                metric = out_metrics.get(site) if out_metrics else None
-                v, u = reduced_rank_regression(h, xty, ranks[site], metric, ridge, site)
+                new = fits[site](h, xty)
                 mod = gc.get_submodule(nc.target)
-                mod.v, mod.u = v, u
-                result[site] = (v, u)
+                for role, t in new.items():
+                    setattr(mod, role, t)
+                result[site] = new
                 done += 1
                 if progress:
-                    progress(f"sequential refit: {done}/{len(ranks)} sites ({site}, rank {ranks[site]})")
+                    progress(f"sequential refit: {done}/{len(fits)} sites ({site})")
             for k, batch in enumerate(batches):
                 if nc.op == "placeholder":
                     idx = sum(1 for m in nodes_c[:i] if m.op == "placeholder")

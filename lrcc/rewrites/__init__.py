@@ -1,7 +1,10 @@
 """Rewrite rules: patterns, guards and candidate replacements, one file per family."""
 from .low_rank import factorize_linear
-from .rule import Candidate, Match, Rule, Spectrum, match
+from .quantize import quantize_linear, quantize_lowrank
+from .rule import Candidate, Delta, Match, Rule, Spectrum, match
+from .sparse_low_rank import sparsify_lowrank
 
-DEFAULT_RULES = [factorize_linear]
+DEFAULT_RULES = [factorize_linear, quantize_linear, quantize_lowrank, sparsify_lowrank]
 
-__all__ = ["Candidate", "Match", "Rule", "Spectrum", "match", "factorize_linear", "DEFAULT_RULES"]
+__all__ = ["Candidate", "Delta", "Match", "Rule", "Spectrum", "match", "factorize_linear", "quantize_linear",
+           "quantize_lowrank", "sparsify_lowrank", "DEFAULT_RULES"]

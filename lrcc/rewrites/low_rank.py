@@ -121,12 +121,16 @@ def _offer(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
         else:
             raise ValueError(f"factorize_linear: unknown method {method!r}")
         label = {"svd": "SVD", "whitened": "whitened SVD"}[method]
+        dtypes = ("float32", "float16") if options.get("lowrank_fp16") else ("float32",)
         for r in candidate_ranks(m, k_in, step):
             params = r * (m + k_in) + (m if has_bias else 0)
-            out.append(Candidate(site=site, node=n.name, rule="factorize_linear", choice=f"rank {r}, {label}",
-                                 form="lowrank", knobs={"rank": r, "method": method}, params=params, bytes=4 * params,
-                                 weight_shapes=[(r, k_in), (m, r)], family=family, spectrum=spectrum,
-                                 needs_calibration=method == "whitened"))
+            for dtype in dtypes:
+                nbytes = 4 * params if dtype == "float32" else 2 * r * (m + k_in) + (4 * m if has_bias else 0)
+                choice = f"rank {r}, {label}" + (", fp16" if dtype == "float16" else "")
+                out.append(Candidate(site=site, node=n.name, rule="factorize_linear", choice=choice,
+                                     form="lowrank", knobs={"rank": r, "method": method, "dtype": dtype}, params=params,
+                                     bytes=nbytes, weight_shapes=[(r, k_in), (m, r)], family=family, spectrum=spectrum,
+                                     needs_calibration=method == "whitened"))
     return out
 
 

@@ -25,11 +25,30 @@ class Spectrum:
     sigma: torch.Tensor
     left: torch.Tensor
     right: torch.Tensor
+    needs_wgrad = False
+
+    def contributions(self, xf: torch.Tensor, gf: torch.Tensor) -> torch.Tensor:
+        """c[s, i] = sigma_i sum_t (g_t . left_i)(x_t . right_i) for each sample s (xf, gf: bsz x T x n|m)."""
+        return ((gf @ self.left) * (xf @ self.right)).sum(1) * self.sigma
 
     def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(V, U) with V r x n and U m x r such that U V is the rank-r truncation."""
         s = self.sigma[:r].sqrt()
         return (self.right[:, :r] * s).T.contiguous(), (self.left[:, :r] * s).contiguous()
+
+
+@dataclass
+class Delta:
+    """An explicit change of the weight, dW = W' - W (m x n), and what the replacement stores.
+
+    Its one contribution per sample is <dW, sum_t g_t x_t^T>, the first-order change of z . y
+    (computed by the planner for all of a site's Deltas in one product).
+    """
+
+    dw: torch.Tensor
+    parts: dict[str, torch.Tensor]   # the replacement's tensors by role (codes, scale, v, u, ...)
+    attrs: dict[str, Any]            # the replacement's attributes (bits, group, ...)
+    needs_wgrad = True
 
 
 @dataclass
@@ -45,9 +64,15 @@ class Candidate:
     params: int                # parameters after the rewrite (weights and bias)
     bytes: int                 # storage bytes after the rewrite
     weight_shapes: list[tuple[int, int]]  # the products it computes, for the cost model
-    family: str                # candidates sharing one Spectrum
-    spectrum: Callable[[Any], Spectrum] = field(repr=False)  # stats -> Spectrum (shared per family)
+    family: str                # candidates sharing one Spectrum (or one Delta each)
+    spectrum: Callable[[Any], "Spectrum | Delta"] = field(repr=False)  # stats -> Spectrum or Delta (shared per family)
     needs_calibration: bool = False
+    error_index: int | None = None  # which term of the family's error table; None: knobs["rank"]
+    refit: str = "lowrank"          # how the planner refits it on compressed inputs: lowrank | quant | lq | sparse | none
+
+    @property
+    def index(self) -> int:
+        return self.error_index if self.error_index is not None else int(self.knobs["rank"])
 
 
 @dataclass(frozen=True)
@@ -91,4 +116,29 @@ def match(g: Graph, rules: list[Rule], options: dict[str, Any] | None = None) ->
                 continue
             cands.setdefault(site, []).extend(offered)
             fired[rule.name] += 1
+    # a rule declining a site that another rule handles is not news; report sites nobody handles
+    rejected = [r for r in rejected if r[0] not in cands]
     return Match(cands, rejected, fired)
+
+
+def replace_site(g: Graph, node_name: str, parts: dict[str, torch.Tensor], attrs: dict[str, Any]) -> None:
+    """Rewrite site `node_name` in place into compressed_linear(x, *parts, bias) with new param nodes."""
+    import sympy
+
+    from ..ir.graph import Node as _Node
+    n = g[node_name]
+    site = n.attrs["site"]
+    roles, inputs, new_nodes = [], [n.inputs[0]], []
+    for role, t in parts.items():
+        ref = f"{site}.{role}"
+        g.tensors[ref] = t
+        p = _Node(f"{node_name}_{role}", "param", [], {"ref": ref, "kind": "parameter"},
+                  tuple(sympy.Integer(int(d)) for d in t.shape), t.dtype)
+        new_nodes.append(p)
+        roles.append(role)
+        inputs.append(p.name)
+    if n.op == "linear" and len(n.inputs) > 2:
+        roles.append("bias")
+        inputs.append(n.inputs[2])
+    new = _Node(node_name, "compressed_linear", inputs, {"site": site, "roles": roles, **attrs}, n.shape, n.dtype)
+    g.replace(node_name, new_nodes + [new])

@@ -57,6 +57,11 @@ def op_cost(g: Graph, n: Node) -> OpCost:
         rows = numel(x.shape[:-1])
         ws = [g.tensor(i) for i in n.inputs[1:]]
         mats = [tuple(w.shape) for w in ws if w.dim() == 2]
+        if n.op == "compressed_linear":
+            roles = dict(zip(n.attrs["roles"], ws))
+            mats = [tuple(roles[r].shape) for r in ("v", "u") if r in roles]
+            if "codes" in roles or "values" in roles:
+                mats.append((n.attrs["m"], n.attrs["n"]))
         wbytes = sum(w.numel() * w.element_size() for w in ws)
         return site_cost(rows, mats, wbytes, _tensor_bytes(g, x.name), _tensor_bytes(g, n.name))
     name = _short(n.attrs["target"])

@@ -1,0 +1,305 @@
+"""Weight-only quantisation of linear layers: int8 per output channel, int4 / int2 group-wise.
+
+Laws:
+- Asymmetric round-to-nearest (RTN) per group of g input columns: q = clamp(round(w / s) + z,
+  0, 2^b - 1), w' = (q - z) s with s = (max - min) / (2^b - 1) and z = round(-min / s); the scale
+  and zero are stored in fp16, and w' is computed from the stored values, so what lrcc measures is
+  exactly what runs. A row that does not divide into groups is padded with zero columns.
+- GPTQ (Frantar et al. 2022, arXiv:2210.17323): quantising column by column and spreading each
+  column's error over the not-yet-quantised columns through the inverse of H = X^T X minimises
+  ||X (W - W')^T|| far better than RTN; it needs calibration inputs.
+- AWQ-style scaling (Lin et al. 2023, arXiv:2306.00978): x W^T = (x / s)(W diag s)^T exactly, and
+  scaling up the input channels that carry large activations before quantising protects them;
+  s = mean|x|^alpha with alpha searched on calibration data.
+Storage: codes packed 8 / b to a byte (two int4 per byte), fp16 scale and zero per group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantSpec:
+    """Bits per weight and group size (group = 0 means one group per output row)."""
+
+    bits: int
+    group: int
+
+    def label(self) -> str:
+        return f"int{self.bits} per channel" if self.group == 0 else f"int{self.bits} g{self.group}"
+
+
+def padded_columns(n: int, group: int) -> int:
+    return n if group == 0 else int(math.ceil(n / group) * group)
+
+
+def quant_bytes(m: int, n: int, spec: QuantSpec) -> int:
+    """Storage of one quantised m x n weight: packed codes plus fp16 scale and zero per group."""
+    cols = padded_columns(n, spec.group)
+    groups = 1 if spec.group == 0 else cols // spec.group
+    per_byte = 8 // spec.bits
+    return m * int(math.ceil(cols / per_byte)) + m * groups * 4
+
+
+def _group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-exact scale and zero for each row of w (rows are groups), asymmetric."""
+    qmax = (1 << bits) - 1
+    lo = w.min(dim=1).values.clamp(max=0)
+    hi = w.max(dim=1).values.clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    scale = scale.half().float().clamp(min=float(torch.finfo(torch.float16).tiny))
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """w (m x n) padded and reshaped to (m * groups) x g."""
+    m, n = w.shape
+    cols = padded_columns(n, spec.group)
+    if cols != n:
+        w = torch.nn.functional.pad(w, (0, cols - n))
+    g = cols if spec.group == 0 else spec.group
+    return w.reshape(m * (cols // g), g)
+
+
+def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: (codes m x cols as uint8, scale m x groups, zero m x groups)."""
+    m = w.shape[0]
+    wg = _grouped(w.float(), spec)
+    scale, zero = _group_params(wg, spec.bits)
+    q = torch.clamp(torch.round(wg / scale[:, None]) + zero[:, None], 0, (1 << spec.bits) - 1)
+    return q.to(torch.uint8).reshape(m, -1), scale.reshape(m, -1), zero.reshape(m, -1)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int) -> torch.Tensor:
+    """The float weight (m x n) the stored codes stand for."""
+    m, cols = codes.shape
+    groups = scale.shape[1]
+    g = cols // groups
+    w = (codes.float().reshape(m, groups, g) - zero.float()[:, :, None]) * scale.float()[:, :, None]
+    return w.reshape(m, cols)[:, :n]
+
+
+def quantize_gptq(w: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
+                  block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ with group-wise asymmetric scales (computed at the start of each group on the updated
+    weights); returns the same (codes, scale, zero) layout as quantize_rtn."""
+    m, n = w.shape
+    cols = padded_columns(n, spec.group)
+    g = cols if spec.group == 0 else spec.group
+    qmax = (1 << spec.bits) - 1
+    wk = torch.nn.functional.pad(w.double(), (0, cols - n)) if cols != n else w.double().clone()
+    h = torch.zeros(cols, cols, dtype=torch.float64)
+    h[:n, :n] = xtx.double()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    wk[:, dead] = 0.0
+    h += damp * float(h.diagonal().mean()) * torch.eye(cols, dtype=torch.float64)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(m, cols, dtype=torch.uint8)
+    scales = torch.zeros(m, cols // g)
+    zeros = torch.zeros(m, cols // g)
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        wb = wk[:, b0:b1].clone()
+        err = torch.zeros_like(wb)
+        hb = hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % g == 0:
+                gi = col // g
+                grp = torch.cat([wb[:, j:], wk[:, b1:]], dim=1)[:, :g].float()
+                s, z = _group_params(grp, spec.bits)
+                scales[:, gi], zeros[:, gi] = s, z
+            s, z = scales[:, col // g].double(), zeros[:, col // g].double()
+            q = torch.clamp(torch.round(wb[:, j] / s) + z, 0, qmax)
+            codes[:, col] = q.to(torch.uint8)
+            dq = (q - z) * s
+            e = (wb[:, j] - dq) / hb[j, j]
+            wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
+            err[:, j] = e
+        wk[:, b1:] -= err @ hinv[b0:b1, b1:]
+    return codes, scales, zeros
+
+
+def awq_scales(w: torch.Tensor, xtx: torch.Tensor, tokens: int, spec: QuantSpec,
+               alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)) -> tuple[torch.Tensor, float]:
+    """Per-input-channel scales s = rms(x)^alpha, alpha chosen to minimise tr(dW A dW^T)."""
+    a = xtx.double()
+    act = (a.diagonal() / max(tokens, 1)).sqrt().clamp(min=1e-8)
+    best, best_err, best_alpha = torch.ones(w.shape[1]), float("inf"), 0.0
+    for alpha in alphas:
+        s = (act ** alpha).float()
+        s = s / s.mean()  # keeps the weights' range comparable
+        s = s.half().float().clamp(min=1e-4)
+        codes, scale, zero = quantize_rtn(w * s, spec)
+        dw = dequantize(codes, scale, zero, w.shape[1]) / s - w
+        err = float(torch.einsum("ij,jk,ik->", dw.double(), a, dw.double()))
+        if err < best_err:
+            best, best_err, best_alpha = s, err, alpha
+    return best, best_alpha
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes (values < 2^bits) 8 / bits to a byte along the last dim (padded)."""
+    per = 8 // bits
+    if per == 1:
+        return codes.contiguous()
+    m, cols = codes.shape
+    pad = (-cols) % per
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    c = codes.reshape(m, -1, per).to(torch.int32)
+    out = torch.zeros(c.shape[:2], dtype=torch.int32)
+    for k in range(per):
+        out |= c[:, :, k] << (bits * k)
+    return out.to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of pack: uint8 codes m x cols."""
+    per = 8 // bits
+    if per == 1:
+        return packed[:, :cols]
+    p = packed.to(torch.int32)
+    mask = (1 << bits) - 1
+    parts = [(p >> (bits * k)) & mask for k in range(per)]
+    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)[:, :cols].to(torch.uint8)
+
+
+# --- rules -------------------------------------------------------------------------------
+from typing import Any  # noqa: E402
+
+from ..ir.graph import Graph, Node  # noqa: E402
+from .rule import Candidate, Delta, Rule  # noqa: E402
+
+QUANT_SPECS = (QuantSpec(8, 0), QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(4, 128), QuantSpec(2, 32), QuantSpec(2, 64))
+AWQ_SPECS = (QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(4, 128))
+LQ_CONFIGS = ((QuantSpec(2, 64), (16, 32, 64)), (QuantSpec(4, 128), (16, 32, 64)))
+
+
+def quant_parts(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """The stored tensors of a quantised weight: packed codes, fp16 scale and zero."""
+    return {"codes": pack(codes, spec.bits), "scale": scale.half(), "zero": zero.half()}
+
+
+def stored_weight(parts: dict[str, torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:
+    """The weight a compressed_linear's stored parts compute with (main part plus low-rank)."""
+    from ..codegen.torch_module import CompressedLinear
+    mod = CompressedLinear(parts, attrs["m"], attrs["n"], attrs.get("bits"), attrs.get("cols"))
+    w = mod.main_weight()
+    if "v" in parts:
+        low = parts["u"].float() @ parts["v"].float()
+        w = low if w is None else w + low
+    return w
+
+
+def parts_bytes(parts: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+def _guard(g: Graph, n: Node) -> str | None:
+    w = g.tensor(n.inputs[1])
+    if not w.dtype.is_floating_point:
+        return f"weight dtype {w.dtype} is not floating point"
+    if sum(1 for m in g.nodes if n.inputs[1] in m.inputs) > 1:
+        return "weight is shared with other nodes (tied weights)"
+    if min(w.shape) < 8:
+        return f"weight {tuple(w.shape)} too small to quantise group-wise"
+    return None
+
+
+def _delta_family(w: torch.Tensor, parts_fn, attrs: dict[str, Any]):
+    box: dict[str, Delta] = {}
+
+    def get(stats):
+        if "d" not in box:
+            parts = parts_fn(stats)
+            box["d"] = Delta(stored_weight(parts, attrs) - w.float(), parts, attrs)
+        return box["d"]
+    return get
+
+
+def _offer_quant(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
+    w = g.tensor(n.inputs[1]).float()
+    m, k = w.shape
+    site = n.attrs["site"]
+    bias = 4 * m if len(n.inputs) > 2 else 0
+    out: list[Candidate] = []
+    methods = options.get("quant_methods", ("gptq", "awq"))
+    for method in methods:
+        specs = QUANT_SPECS if method == "gptq" else AWQ_SPECS
+        for spec in specs:
+            cols = padded_columns(k, spec.group)
+            attrs = {"m": m, "n": k, "bits": spec.bits, "group": spec.group, "cols": cols}
+            if method == "gptq":
+                fn = lambda stats, spec=spec: quant_parts(*quantize_gptq(w, stats.xtx(site), spec), spec)
+            else:
+                def fn(stats, spec=spec):
+                    s, _ = awq_scales(w, stats.xtx(site), stats.tokens[site], spec)
+                    return {**quant_parts(*quantize_rtn(w * s, spec), spec), "in_scale": s.half()}
+            nbytes = quant_bytes(m, k, spec) + bias + (2 * k if method == "awq" else 0)
+            label = "GPTQ" if method == "gptq" else "AWQ-scaled RTN"
+            out.append(Candidate(site=site, node=n.name, rule="quantize_linear", choice=f"{spec.label()}, {label}",
+                                 form="quant", knobs={"bits": spec.bits, "group": spec.group, "method": method},
+                                 params=m * k + (m if bias else 0), bytes=nbytes, weight_shapes=[(m, k)],
+                                 family=f"{site}:{method}:{spec.label()}", spectrum=_delta_family(w, fn, attrs),
+                                 needs_calibration=True, error_index=0, refit="quant" if method == "gptq" else "none"))
+    return out
+
+
+def _offer_lq(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
+    from .low_rank import whitened_spectrum
+    w = g.tensor(n.inputs[1]).float()
+    m, k = w.shape
+    site = n.attrs["site"]
+    bias = 4 * m if len(n.inputs) > 2 else 0
+    spectrum_box: dict[str, Any] = {}
+
+    def spectrum(stats):
+        if "s" not in spectrum_box:
+            spectrum_box["s"] = whitened_spectrum(w, stats.xtx(site), site)
+        return spectrum_box["s"]
+
+    out: list[Candidate] = []
+    for spec, ranks in options.get("lq_configs", LQ_CONFIGS):
+        for r in ranks:
+            if r >= min(m, k) // 2:
+                continue
+            cols = padded_columns(k, spec.group)
+            attrs = {"m": m, "n": k, "bits": spec.bits, "group": spec.group, "cols": cols, "rank": r}
+
+            def fn(stats, spec=spec, r=r):
+                v, u = spectrum(stats).factors(r)
+                v, u = v.half(), u.half()
+                residual = w - u.float() @ v.float()
+                return {**quant_parts(*quantize_rtn(residual, spec), spec), "v": v, "u": u}
+            nbytes = quant_bytes(m, k, spec) + 2 * r * (m + k) + bias
+            out.append(Candidate(site=site, node=n.name, rule="quantize_lowrank",
+                                 choice=f"{spec.label()} + rank {r} fp16 (LQ)", form="quant+lowrank",
+                                 knobs={"bits": spec.bits, "group": spec.group, "rank": r},
+                                 params=m * k + r * (m + k) + (m if bias else 0), bytes=nbytes,
+                                 weight_shapes=[(m, k), (r, k), (m, r)], family=f"{site}:lq:{spec.label()}:{r}",
+                                 spectrum=_delta_family(w, fn, attrs), needs_calibration=True, error_index=0, refit="lq"))
+    return out
+
+
+quantize_linear = Rule(
+    name="quantize_linear",
+    pattern="linear",
+    guard=_guard,
+    offer=_offer_quant,
+    law="W ~ (Q - z) s per group of columns: RTN, GPTQ (arXiv:2210.17323) or AWQ scaling "
+        "x W^T = (x/s)(W diag s)^T (arXiv:2306.00978)",
+)
+
+quantize_lowrank = Rule(
+    name="quantize_lowrank",
+    pattern="linear",
+    guard=_guard,
+    offer=_offer_lq,
+    law="W = Q(W - U V) + U V with U V in fp16 (LQ-LoRA, arXiv:2311.12023; SVDQuant, arXiv:2411.05007)",
+)
