@@ -11,7 +11,7 @@ Laws:
 - AWQ-style scaling (Lin et al. 2023, arXiv:2306.00978): x W^T = (x / s)(W diag s)^T exactly, and
   scaling up the input channels that carry large activations before quantising protects them;
   s = mean|x|^alpha with alpha searched on calibration data.
-Storage: codes packed 8 / b to a byte (two int4 per byte), fp16 scale and zero per group.
+Storage: codes packed densely (8 codes in b bytes: two int4 per byte), fp16 scale and zero per group.
 """
 from __future__ import annotations
 
@@ -40,19 +40,39 @@ def quant_bytes(m: int, n: int, spec: QuantSpec) -> int:
     """Storage of one quantised m x n weight: packed codes plus fp16 scale and zero per group."""
     cols = padded_columns(n, spec.group)
     groups = 1 if spec.group == 0 else cols // spec.group
-    per_byte = 8 // spec.bits
-    return m * int(math.ceil(cols / per_byte)) + m * groups * 4
+    code_bytes = cols if spec.bits == 8 else int(math.ceil(cols / 8)) * spec.bits
+    return m * code_bytes + m * groups * 4
 
 
 def _group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16-exact scale and zero for each row of w (rows are groups), asymmetric."""
+    """fp16-exact scale and zero for each row of w (rows are groups), asymmetric.
+
+    At 3 bits and below the range is also shrunk towards zero where that lowers the row's squared
+    rounding error (clipping a few outliers buys finer steps for every other weight), as in the
+    MSE-optimal grid search of GPTQ's reference implementation and AWQ's clipping search.
+    """
     qmax = (1 << bits) - 1
-    lo = w.min(dim=1).values.clamp(max=0)
-    hi = w.max(dim=1).values.clamp(min=0)
-    scale = ((hi - lo) / qmax).clamp(min=1e-8)
-    scale = scale.half().float().clamp(min=float(torch.finfo(torch.float16).tiny))
-    zero = torch.round(-lo / scale).clamp(0, qmax)
-    return scale, zero
+    lo0 = w.min(dim=1).values.clamp(max=0)
+    hi0 = w.max(dim=1).values.clamp(min=0)
+    shrinks = (1.0,) if bits > 3 else (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+    best_err = best_scale = best_zero = None
+    for f in shrinks:
+        lo, hi = lo0 * f, hi0 * f
+        scale = ((hi - lo) / qmax).clamp(min=1e-8)
+        scale = scale.half().float().clamp(min=float(torch.finfo(torch.float16).tiny))
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+        if len(shrinks) == 1:
+            return scale, zero
+        q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, qmax)
+        err = ((q - zero[:, None]) * scale[:, None] - w).pow(2).sum(1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -98,7 +118,8 @@ def quantize_gptq(w: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damp: flo
     h[dead, dead] = 1.0
     wk[:, dead] = 0.0
     h += damp * float(h.diagonal().mean()) * torch.eye(cols, dtype=torch.float64)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    wk = wk.float()
     codes = torch.zeros(m, cols, dtype=torch.uint8)
     scales = torch.zeros(m, cols // g)
     zeros = torch.zeros(m, cols // g)
@@ -114,7 +135,7 @@ def quantize_gptq(w: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damp: flo
                 grp = torch.cat([wb[:, j:], wk[:, b1:]], dim=1)[:, :g].float()
                 s, z = _group_params(grp, spec.bits)
                 scales[:, gi], zeros[:, gi] = s, z
-            s, z = scales[:, col // g].double(), zeros[:, col // g].double()
+            s, z = scales[:, col // g], zeros[:, col // g]
             q = torch.clamp(torch.round(wb[:, j] / s) + z, 0, qmax)
             codes[:, col] = q.to(torch.uint8)
             dq = (q - z) * s
@@ -144,30 +165,34 @@ def awq_scales(w: torch.Tensor, xtx: torch.Tensor, tokens: int, spec: QuantSpec,
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes (values < 2^bits) 8 / bits to a byte along the last dim (padded)."""
-    per = 8 // bits
-    if per == 1:
+    """Pack uint8 codes (values < 2^bits) densely along the last dim: every 8 codes take `bits`
+    bytes (two int4 per byte, eight int3 in three bytes); rows are padded to a multiple of 8."""
+    if bits == 8:
         return codes.contiguous()
     m, cols = codes.shape
-    pad = (-cols) % per
+    pad = (-cols) % 8
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    c = codes.reshape(m, -1, per).to(torch.int32)
-    out = torch.zeros(c.shape[:2], dtype=torch.int32)
-    for k in range(per):
-        out |= c[:, :, k] << (bits * k)
-    return out.to(torch.uint8)
+    c = codes.reshape(m, -1, 8).to(torch.int64)
+    word = torch.zeros(c.shape[:2], dtype=torch.int64)
+    for k in range(8):
+        word |= c[:, :, k] << (bits * k)
+    out = torch.stack([(word >> (8 * j)) & 0xFF for j in range(bits)], dim=-1)
+    return out.reshape(m, -1).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of pack: uint8 codes m x cols."""
-    per = 8 // bits
-    if per == 1:
+    if bits == 8:
         return packed[:, :cols]
-    p = packed.to(torch.int32)
+    m = packed.shape[0]
+    p = packed.reshape(m, -1, bits).to(torch.int64)
+    word = torch.zeros(p.shape[:2], dtype=torch.int64)
+    for j in range(bits):
+        word |= p[:, :, j] << (8 * j)
     mask = (1 << bits) - 1
-    parts = [(p >> (bits * k)) & mask for k in range(per)]
-    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)[:, :cols].to(torch.uint8)
+    codes = torch.stack([(word >> (bits * k)) & mask for k in range(8)], dim=-1)
+    return codes.reshape(m, -1)[:, :cols].to(torch.uint8)
 
 
 # --- rules -------------------------------------------------------------------------------
@@ -176,7 +201,8 @@ from typing import Any  # noqa: E402
 from ..ir.graph import Graph, Node  # noqa: E402
 from .rule import Candidate, Delta, Rule  # noqa: E402
 
-QUANT_SPECS = (QuantSpec(8, 0), QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(4, 128), QuantSpec(2, 32), QuantSpec(2, 64))
+QUANT_SPECS = (QuantSpec(8, 0), QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(4, 128), QuantSpec(3, 64),
+               QuantSpec(3, 128), QuantSpec(2, 32), QuantSpec(2, 64))
 AWQ_SPECS = (QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(4, 128))
 LQ_CONFIGS = ((QuantSpec(2, 64), (16, 32, 64)), (QuantSpec(4, 128), (16, 32, 64)))
 
