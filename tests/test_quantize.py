@@ -106,11 +106,12 @@ def test_groups_that_do_not_divide_are_padded() -> None:
 
 # --- the laws the rules rely on -------------------------------------------------------------------
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(3, 64), QuantSpec(2, 64), QuantSpec(8, 0)])
-def test_gptq_beats_rtn_on_the_layer_output(spec) -> None:
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_the_layer_output(spec, act_order) -> None:
     x = _data(128)
     w = _weight(48, 128)
     rtn = dequantize(*quantize_rtn(w, spec), 128)
-    gptq = dequantize(*quantize_gptq(w, x.T @ x, spec), 128)
+    gptq = dequantize(*quantize_gptq(w, x.T @ x, spec, act_order=act_order), 128)
     assert _out_err(x, w, gptq) < _out_err(x, w, rtn)
 
 

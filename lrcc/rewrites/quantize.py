@@ -104,9 +104,17 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: 
 
 
 def quantize_gptq(w: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
-                  block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ with group-wise asymmetric scales (computed at the start of each group on the updated
-    weights); returns the same (codes, scale, zero) layout as quantize_rtn."""
+                  block: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ with group-wise asymmetric scales; returns the same (codes, scale, zero) layout as
+    quantize_rtn.
+
+    act_order: quantise columns in order of decreasing H diagonal (the loudest inputs first, while
+    the most columns are left to absorb their error), with each group's scale and zero fixed up
+    front from the original weights ("static groups", so the stored layout is unchanged). Off by
+    default: on correlated inputs the fixed low-bit grids cost more than the ordering gains.
+    Without it, a group's scale and zero are computed when its first column is reached, on the
+    weights as updated so far.
+    """
     m, n = w.shape
     cols = padded_columns(n, spec.group)
     g = cols if spec.group == 0 else spec.group
@@ -117,12 +125,22 @@ def quantize_gptq(w: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damp: flo
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     wk[:, dead] = 0.0
-    h += damp * float(h.diagonal().mean()) * torch.eye(cols, dtype=torch.float64)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    wk = wk.float()
     codes = torch.zeros(m, cols, dtype=torch.uint8)
     scales = torch.zeros(m, cols // g)
     zeros = torch.zeros(m, cols // g)
+    if act_order:
+        for gi in range(cols // g):
+            scales[:, gi], zeros[:, gi] = _group_params(wk[:, gi * g:(gi + 1) * g].float(), spec.bits)
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(cols)
+    wk = wk[:, perm]
+    h = h[perm][:, perm]
+    group_of = (perm // g).tolist()
+    h += damp * float(h.diagonal().mean()) * torch.eye(cols, dtype=torch.float64)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    wk = wk.float()
+    qcols = torch.zeros(m, cols, dtype=torch.uint8)
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
         wb = wk[:, b0:b1].clone()
@@ -130,19 +148,18 @@ def quantize_gptq(w: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, damp: flo
         hb = hinv[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = b0 + j
-            if col % g == 0:
-                gi = col // g
+            gi = group_of[col]
+            if not act_order and col % g == 0:
                 grp = torch.cat([wb[:, j:], wk[:, b1:]], dim=1)[:, :g].float()
-                s, z = _group_params(grp, spec.bits)
-                scales[:, gi], zeros[:, gi] = s, z
-            s, z = scales[:, col // g], zeros[:, col // g]
+                scales[:, gi], zeros[:, gi] = _group_params(grp, spec.bits)
+            s, z = scales[:, gi], zeros[:, gi]
             q = torch.clamp(torch.round(wb[:, j] / s) + z, 0, qmax)
-            codes[:, col] = q.to(torch.uint8)
-            dq = (q - z) * s
-            e = (wb[:, j] - dq) / hb[j, j]
+            qcols[:, col] = q.to(torch.uint8)
+            e = (wb[:, j] - (q - z) * s) / hb[j, j]
             wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
             err[:, j] = e
         wk[:, b1:] -= err @ hinv[b0:b1, b1:]
+    codes[:, perm] = qcols
     return codes, scales, zeros
 
 

@@ -309,3 +309,13 @@ def encode_batches(sentences: list[str], batch_size: int = 64, max_length: int =
         chunk = [sentences[i] for i in order[k:k + batch_size]]
         out.append(tok.encode(chunk, max_length=max_length))
     return out
+
+
+def save_calibration(path: str | Path, n_sentences: int = 1280, batch_size: int = 64, seed: int = 0) -> Path:
+    """Write calibration batches of the offline corpus for `lrcc compile --calibration`."""
+    from .corpus import splits
+    cal, _ = splits(n_sentences, 0, seed=seed)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(encode_batches(cal, batch_size), p)
+    return p

@@ -1,0 +1,171 @@
+"""The `lrcc` command: compile, report, targets.
+
+    lrcc compile MODULE:ATTR --calibration FILE [--target T] [--budget SPEC] -o OUT
+    lrcc report OUT [--json]
+    lrcc targets [--json]
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming what and where; --debug adds the
+traceback), 1 an unexpected internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
+        self.print_usage(sys.stderr)
+        print(f"lrcc: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lrcc", description="Compress a model's linear layers under a budget.",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="examples:\n"
+                       "  lrcc targets\n"
+                       "  lrcc compile lrcc.zoo.minilm:load_encoder --calibration cal.pt --budget params=0.5 -o out/\n"
+                       "  lrcc report out/")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="compile a model and write the result to a directory",
+                       description="Compile MODEL (module:attribute naming a torch.nn.Module or a function "
+                                   "returning one) for TARGET within BUDGET and save it to OUT.")
+    c.add_argument("model", metavar="MODEL", help="module:attribute, e.g. lrcc.zoo.minilm:load_encoder")
+    c.add_argument("--calibration", metavar="FILE", required=True,
+                   help="torch.save() of a list of input tuples; the first one is also the example input")
+    c.add_argument("--target", default="cpu", help="target name (see `lrcc targets`); default cpu")
+    c.add_argument("--budget", metavar="SPEC", default=None,
+                   help="e.g. params=0.5, bytes=0.125,max_error=0.02; default max_error=0.01")
+    c.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory")
+    c.add_argument("--quiet", action="store_true", help="no progress lines and no report on stdout")
+    c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    r = sub.add_parser("report", help="print the report of a compiled model directory")
+    r.add_argument("out", metavar="OUT")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    t = sub.add_parser("targets", help="list the targets lrcc knows")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _load_model(spec: str):
+    from .errors import LrccError
+    if spec.endswith(".onnx"):
+        raise LrccError(f"{spec}: ONNX import is not implemented yet; give module:attribute naming a torch model")
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise LrccError(f"MODEL {spec!r}: expected module:attribute, e.g. lrcc.zoo.minilm:load_encoder")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise LrccError(f"MODEL {spec!r}: cannot import module {mod_name!r} ({e})") from None
+    if not hasattr(module, attr):
+        raise LrccError(f"MODEL {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+    obj = getattr(module, attr)
+    import torch
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if callable(obj):
+        model = obj()
+        if isinstance(model, torch.nn.Module):
+            return model
+        raise LrccError(f"MODEL {spec!r}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
+    raise LrccError(f"MODEL {spec!r}: {attr} is a {type(obj).__name__}, not a torch.nn.Module or a factory")
+
+
+def _load_calibration(path: str) -> list[tuple]:
+    import torch
+
+    from .errors import LrccError
+    p = Path(path)
+    if not p.is_file():
+        raise LrccError(f"--calibration {path}: no such file")
+    try:
+        data = torch.load(p, weights_only=True)
+    except Exception as e:  # torch.load raises many kinds on corrupt files
+        raise LrccError(f"--calibration {path}: not a torch.save() file ({type(e).__name__})") from None
+    if isinstance(data, tuple) and data and all(isinstance(x, torch.Tensor) for x in data):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise LrccError(f"--calibration {path}: expected a non-empty list of input tuples")
+    return [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
+
+
+def _compile(args) -> int:
+    import lrcc
+    model = _load_model(args.model)
+    batches = _load_calibration(args.calibration)
+    cm = lrcc.compile(model, batches[0], target=args.target, budget=args.budget, calibration=batches,
+                      progress=not args.quiet)
+    out = cm.save(args.out)
+    if args.json:
+        print(cm.report.to_json())
+    elif not args.quiet:
+        print(cm.report)
+        print(f"saved to {out}")
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from .errors import LrccError
+    from .report import Report
+    path = Path(args.out) / "report.json"
+    if not path.is_file():
+        raise LrccError(f"{args.out}: no report.json; is it a directory written by `lrcc compile`?")
+    try:
+        report = Report.from_json(path.read_text())
+    except (ValueError, KeyError) as e:
+        raise LrccError(f"{path}: not a readable lrcc report ({type(e).__name__}: {e})") from None
+    print(report.to_json() if args.json else report)
+    return EXIT_OK
+
+
+def _targets(args) -> int:
+    from .targets import get_target, targets
+    ts = [get_target(name) for name in targets()]
+    if args.json:
+        print(json.dumps([{"name": t.name, "kind": t.kind, "description": t.description, "peak_flops": t.peak_flops,
+                           "bandwidth": t.bandwidth} for t in ts], indent=2))
+    else:
+        for t in ts:
+            print(f"{t.name:10s} {t.kind:4s} {t.description}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .errors import LrccError
+    try:
+        return {"compile": _compile, "report": _report, "targets": _targets}[args.command](args)
+    except LrccError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lrcc: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lrcc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an lrcc bug: say so, keep the traceback behind --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"lrcc: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
