@@ -64,9 +64,12 @@ def export_model(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=N
     last: Exception | None = None
     for what, spec in attempts:
         try:
+            shapes = tuple(spec) if spec else None
+            if shapes is not None and _takes_varargs(model):
+                shapes = (shapes,)  # forward(*inputs): export sees one tuple argument
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=tuple(spec) if spec else None, strict=False)
+                ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=shapes, strict=False)
             if notes:
                 notes.append(f"exported with {what}")
             return ep, notes
@@ -76,6 +79,15 @@ def export_model(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=N
     raise ImportError_(f"cannot import {type(model).__name__} with torch.export: {notes[-1]}. "
                        "Check that forward runs on the example inputs; data-dependent Python control flow "
                        "must be rewritten with torch.cond or removed.") from last
+
+
+def _takes_varargs(model: torch.nn.Module) -> bool:
+    import inspect
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind == inspect.Parameter.VAR_POSITIONAL
 
 
 def _dim_names(ep: torch.export.ExportedProgram) -> dict[sympy.Symbol, sympy.Symbol]:
