@@ -32,16 +32,23 @@ FORMAT_VERSION = 1
 class CompiledModel(torch.nn.Module):
     """A compiled model: runs like the original; carries .report, .graph and .save()."""
 
-    def __init__(self, graph: Graph, report: Report, target: Target, budget: str) -> None:
+    def __init__(self, graph: Graph, report: Report, target: Target, budget: str, backend: str = "eager") -> None:
         super().__init__()
+        if backend not in ("eager", "inductor"):
+            raise LrccError(f"unknown CPU backend {backend!r}; use 'eager' or 'inductor'")
         self.graph = graph
         self.report = report
         self.target = target
         self.budget = budget
+        self.backend = backend
         self.module: Lowered = lower_to_torch(graph)
+        # "inductor": the lowered graph goes through torch.compile's inductor, which fuses the
+        # elementwise work (GELU, residual adds, layer norms) around the products; the first call
+        # pays its compile time.
+        self._run = torch.compile(self.module, dynamic=None) if backend == "inductor" else self.module
 
     def forward(self, *inputs):
-        return self.module(*inputs)
+        return self._run(*inputs)
 
     def save(self, path: str | os.PathLike, arch: str | None = None, format: str | None = None) -> Path:
         """Write the plan (IR + report), the compressed weights (safetensors) and the IR as text."""
@@ -55,7 +62,7 @@ class CompiledModel(torch.nn.Module):
         tensors = {k: v.contiguous() for k, v in self.graph.tensors.items()}
         save_file(tensors, str(out / "weights.safetensors"), metadata={"format": "lrcc", "version": str(FORMAT_VERSION)})
         plan = {"format": "lrcc", "version": FORMAT_VERSION, "target": self.target.name, "budget": self.budget,
-                "graph": graph_to_json(self.graph)}
+                "backend": self.backend, "graph": graph_to_json(self.graph)}
         (out / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True))
         (out / "report.json").write_text(self.report.to_json())
         (out / "report.txt").write_text(str(self.report) + "\n")
@@ -80,7 +87,7 @@ def load(path: str | os.PathLike) -> CompiledModel:
     verify(g)
     report_file = p / "report.json"
     report = Report.from_json(report_file.read_text()) if report_file.is_file() else Report([], {}, plan["target"], plan["budget"])
-    return CompiledModel(g, report, get_target(plan["target"]), plan["budget"])
+    return CompiledModel(g, report, get_target(plan["target"]), plan["budget"], plan.get("backend", "eager"))
 
 
 def _progress(enabled: bool):
@@ -115,7 +122,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
 
     calibration: an iterable of input tuples shaped like example_inputs (batch and sequence length
     may differ). Without it lrcc calibrates on example_inputs alone and says so in the report.
-    options: planner knobs (rank_step, probes, sensitivity_samples, holdout, sequential, ridge, seed).
+    options: planner knobs (rank_step, probes, sensitivity_samples, holdout, sequential, ridge, seed,
+    rules) and backend: "eager" (default: the lowered graph runs op by op) or "inductor" (the
+    lowered graph is compiled by torch.compile's inductor on its first call; CPU targets).
     """
     t_start = time.perf_counter()
     options = dict(options or {})
@@ -182,7 +191,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
             raise LrccError(f"the compiled model's output error {measured['rel_error']:.3e} on {held_what} exceeds "
                             f"max_error={bud.max_error}; loosen the budget or give more calibration data\n{report}")
         report.notes.append(f"FLAGGED: measured error {measured['rel_error']:.3e} exceeds max_error={bud.max_error}")
-    return CompiledModel(new, report, tgt, str(bud))
+    return CompiledModel(new, report, tgt, str(bud), str(options.get("backend", "eager")))
 
 
 def _check_weights(g: Graph) -> None:
