@@ -65,9 +65,17 @@ class InputStats:
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    _memo: dict = field(default_factory=dict, repr=False)
 
     def xtx(self, site: str) -> torch.Tensor:
         return self.sums[site]
+
+    def memo(self, key, fn):
+        """fn() computed once per key for these statistics (e.g. a site's whitened spectrum, which
+        several rules build on)."""
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
 
 
 def collect_input_stats(lowered, batches: list[tuple], sites: list[str], progress: Callable[[str], None] | None = None) -> InputStats:

@@ -72,6 +72,13 @@ def whitened_spectrum(w: torch.Tensor, xtx: torch.Tensor, what: str = "layer") -
     return Spectrum(s.float(), u.float(), right.float())
 
 
+def whitened_for(stats, w: torch.Tensor, site: str) -> Spectrum:
+    """The site's whitened spectrum, computed once per calibration statistics and shared by every
+    rule that builds on it (factorize_linear, quantize_lowrank, sparsify_lowrank)."""
+    build = lambda: whitened_spectrum(w, stats.xtx(site), site)
+    return stats.memo(("whitened", site), build) if hasattr(stats, "memo") else build()
+
+
 def refit_factors(w: torch.Tensor, xtx_c: torch.Tensor, xtx_cross: torch.Tensor, rank: int,
                   out_metric: torch.Tensor | None = None, ridge: float = 1e-3, what: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
     """Reduced-rank regression of the original outputs on compressed inputs: returns (V, U).
@@ -117,7 +124,7 @@ def _offer(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
         if method == "svd":
             spectrum = _cached(family, lambda stats, w=w: svd_spectrum(w))
         elif method == "whitened":
-            spectrum = _cached(family, lambda stats, w=w, site=site: whitened_spectrum(w, stats.xtx(site), site))
+            spectrum = _cached(family, lambda stats, w=w, site=site: whitened_for(stats, w, site))
         else:
             raise ValueError(f"factorize_linear: unknown method {method!r}")
         label = {"svd": "SVD", "whitened": "whitened SVD"}[method]

@@ -295,17 +295,12 @@ def _offer_quant(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
 
 
 def _offer_lq(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
-    from .low_rank import whitened_spectrum
+    from .low_rank import whitened_for
     w = g.tensor(n.inputs[1]).float()
     m, k = w.shape
     site = n.attrs["site"]
     bias = 4 * m if len(n.inputs) > 2 else 0
-    spectrum_box: dict[str, Any] = {}
-
-    def spectrum(stats):
-        if "s" not in spectrum_box:
-            spectrum_box["s"] = whitened_spectrum(w, stats.xtx(site), site)
-        return spectrum_box["s"]
+    spectrum = lambda stats: whitened_for(stats, w, site)
 
     out: list[Candidate] = []
     for spec, ranks in options.get("lq_configs", LQ_CONFIGS):

@@ -36,17 +36,12 @@ def sparse_bytes(m: int, n: int, nnz: int) -> int:
 
 
 def _offer(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
-    from .low_rank import whitened_spectrum
+    from .low_rank import whitened_for
     w = g.tensor(n.inputs[1]).float()
     m, k = w.shape
     site = n.attrs["site"]
     bias = 4 * m if len(n.inputs) > 2 else 0
-    box: dict[str, Any] = {}
-
-    def spectrum(stats):
-        if "s" not in box:
-            box["s"] = whitened_spectrum(w, stats.xtx(site), site)
-        return box["s"]
+    spectrum = lambda stats: whitened_for(stats, w, site)
 
     out: list[Candidate] = []
     for density, ranks in options.get("sparse_configs", SPARSE_CONFIGS):
