@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .budget import Budget
 from .codegen.torch_module import Lowered, lower_to_torch
-from .errors import CalibrationError, LrccError
+from .errors import LrccError
 from .ir.from_torch import import_module
 from .ir.graph import Graph, print_graph, verify
 from .ir.serialize import graph_from_json, graph_to_json

@@ -353,7 +353,7 @@ def test_no_calibration_falls_back_to_example_inputs_and_says_so() -> None:
 
 def test_inductor_backend_runs_the_same_plan(half, toy, tmp_path) -> None:
     """backend="inductor": the same graph through torch.compile; same outputs, kept by save/load."""
-    model, ex = toy[0], toy[1]
+    ex = toy[1]
     fast = lrcc.CompiledModel(half.graph, half.report, half.target, half.budget, backend="inductor")
     with torch.no_grad():
         torch.testing.assert_close(fast(*ex), half(*ex), rtol=1e-4, atol=1e-5)

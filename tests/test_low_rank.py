@@ -9,7 +9,7 @@ from torch import nn
 from lrcc.codegen.torch_module import lower_to_torch
 from lrcc.ir.from_torch import import_module
 from lrcc.ir.graph import print_graph, verify
-from lrcc.rewrites import DEFAULT_RULES, factorize_linear, match
+from lrcc.rewrites import factorize_linear, match
 from lrcc.rewrites.low_rank import (breakeven_rank, candidate_ranks, refit_factors, replace_with_lowrank,
                                     svd_spectrum, whitened_spectrum)
 

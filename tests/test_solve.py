@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings

@@ -244,7 +244,7 @@ def verify(g: Graph) -> None:
         elif n.op == "output":
             outputs += 1
             if refs_in(n.attrs["args"]) != n.inputs:
-                raise LrccError(f"IR verify: output inputs do not match its arguments")
+                raise LrccError("IR verify: output inputs do not match its arguments")
         elif n.op == "param":
             ref = n.attrs.get("ref")
             if ref not in g.tensors:

@@ -150,7 +150,6 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     fixed_latency = model_latency - sum(o[0].costs["latency"] for o in table.values())
 
     caps: dict[str, float] = {}
-    labels: dict[str, str] = {}
     if budget.params is not None:
         caps["params"] = budget.params * total_params
     if budget.bytes is not None:
@@ -174,7 +173,7 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     while True:
         tries += 1
         if error_cap is None:
-            choice = solve(table, caps, fixed, objective="error", labels=labels)
+            choice = solve(table, caps, fixed, objective="error")
         else:
             choice = solve(table, caps, fixed, objective="params", error_cap=error_cap)
         timings["allocation"] = timings.get("allocation", 0.0) + time.perf_counter() - t3
