@@ -8,7 +8,9 @@ lrcc calibrates on. The result is cached by the identity and shape of the parame
 and the budget, so recompiles (new shapes, graph breaks re-entering) never repeat the factorisation.
 
 options: target (default "cpu"), budget (a Budget, float or SPEC string; default max_error=0.01),
-calibration (optional), and any lrcc.compile option.
+calibration (optional: a list of dicts keyed by the forward's argument names, or of tuples for a
+model with one input), and any lrcc.compile option. Use torch.compile(..., dynamic=True) when
+calibration batches differ in shape from the first call's inputs.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .errors import LrccError
 
 _CACHE: dict[tuple, Any] = {}
 
@@ -32,33 +36,69 @@ def _param_path(placeholder: str) -> str:
 
 class _Bound(nn.Module):
     """A dynamo graph with its parameter inputs held as the module's own parameters, named as in
-    the original model, so lrcc imports them as weights; forward takes the other inputs only."""
+    the original model, so lrcc imports them as weights; forward takes the tensor inputs only and
+    recomputes any symbolic size the graph takes from those tensors' shapes."""
 
-    def __init__(self, gm: torch.fx.GraphModule, params: dict[int, torch.Tensor], names: dict[int, str], n_args: int):
+    def __init__(self, gm: torch.fx.GraphModule, params: dict[int, torch.Tensor], names: dict[int, str],
+                 sizes: dict[int, tuple[int, int]], n_args: int):
         super().__init__()
         self.gm = gm
-        self._slots: list[tuple[str, int]] = []  # per graph argument: ("param", i) or ("user", k)
         self._paths: dict[int, str] = {}
-        k = 0
+        user_of: dict[int, int] = {}
+        for i in range(n_args):
+            if i not in params and i not in sizes:
+                user_of[i] = len(user_of)
+        self._slots: list[tuple[str, object]] = []  # per graph argument: param i | user k | size (k, dim)
         for i in range(n_args):
             if i in params:
-                path = names[i]
-                owner = self
-                parts = path.split(".")
+                owner, parts = self, names[i].split(".")
                 for p in parts[:-1]:
-                    if not hasattr(owner, p) or not isinstance(getattr(owner, p), nn.Module):
+                    if not isinstance(getattr(owner, p, None), nn.Module):
                         owner.add_module(p, nn.Module())
                     owner = getattr(owner, p)
                 owner.register_parameter(parts[-1], nn.Parameter(params[i].detach(), requires_grad=False))
-                self._paths[i] = path
+                self._paths[i] = names[i]
                 self._slots.append(("param", i))
+            elif i in sizes:
+                self._slots.append(("size", (user_of[sizes[i][0]], sizes[i][1])))
             else:
-                self._slots.append(("user", k))
-                k += 1
+                self._slots.append(("user", user_of[i]))
 
     def forward(self, *user):
-        args = [self.get_parameter(self._paths[i]) if kind == "param" else user[i] for kind, i in self._slots]
+        args = []
+        for kind, v in self._slots:
+            if kind == "param":
+                args.append(self.get_parameter(self._paths[v]))
+            elif kind == "user":
+                args.append(user[v])
+            else:
+                args.append(user[v[0]].shape[v[1]])
         return self.gm(*args)
+
+
+def _size_inputs(gm: torch.fx.GraphModule, example_inputs: list, param_pos: list[int]) -> dict[int, tuple[int, int]] | None:
+    """For each symbolic-size argument: (index of the tensor argument, dim) it is the size of, read
+    off the traced (fake) values on the graph's placeholders; None when one cannot be traced back."""
+    metas = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+    out: dict[int, tuple[int, int]] = {}
+    for i, e in enumerate(example_inputs):
+        if not isinstance(e, torch.SymInt) and not isinstance(metas[i], torch.SymInt):
+            continue
+        expr = (metas[i] if isinstance(metas[i], torch.SymInt) else e).node.expr
+        hit = None
+        for j, t in enumerate(metas):
+            if j in param_pos or not isinstance(t, torch.Tensor):
+                continue
+            for d, size in enumerate(t.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr == expr:
+                    hit = (j, d)
+                    break
+            if hit:
+                break
+        if hit is None:
+            return None
+        out[i] = hit
+    return out
 
 
 def backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None):
@@ -68,47 +108,78 @@ def backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict[str, A
         return gm.forward  # nothing lrcc rewrites in this fragment
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     param_pos = [i for i, e in enumerate(example_inputs) if isinstance(e, nn.Parameter)]
+    sizes = _size_inputs(gm, example_inputs, param_pos)
+    if sizes is None or any(not isinstance(e, (torch.Tensor, torch.SymInt)) for e in example_inputs):
+        warnings.warn("lrcc backend: this graph takes inputs lrcc cannot bind (sizes not read off a tensor, or "
+                      "non-tensor values); it runs uncompressed")
+        return gm.forward
+    metas = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+    dynamic = bool(sizes) or any(isinstance(d, torch.SymInt) for e in metas if isinstance(e, torch.Tensor) for d in e.shape)
     state: dict[str, Any] = {}
 
     def run(*args):
-        if any(not isinstance(args[i], torch.Tensor) for i in range(len(args)) if i not in param_pos):
-            return gm(*args)  # symbolic sizes passed as values: run the graph as traced
-        user = tuple(a for i, a in enumerate(args) if i not in param_pos)
-        if "compiled" not in state:
-            state["compiled"] = _compile(gm, args, param_pos, placeholders, user, opts)
-        return state["compiled"](*user)
+        user = tuple(a for i, a in enumerate(args) if i not in param_pos and i not in sizes)
+        if "fn" not in state:
+            try:
+                cm = _compile(gm, args, param_pos, sizes, placeholders, user, opts, dynamic)
+                state["fn"] = lambda *a: cm(*(x for i, x in enumerate(a) if i not in param_pos and i not in sizes))
+            except LrccError as e:
+                warnings.warn(f"lrcc backend: {str(e).splitlines()[0]}; this graph runs uncompressed")
+                state["fn"] = gm
+        return state["fn"](*args)
 
     return run
 
 
-def _match_calibration(calibration: list, names: list[str], user: tuple) -> list | None:
-    """The calibration batches re-ordered as this graph takes its inputs, or None when they do not
-    fit it (another fragment of a graph with breaks, or inputs the graph does not take directly)."""
-    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration]
-    order = [re.fullmatch(r"L_args_(\d+)_", n) for n in names]
-    if all(order):
-        pick = [int(m.group(1)) for m in order]
-        if all(p < len(b) for b in batches for p in pick):
-            batches = [tuple(b[p] for p in pick) for b in batches]
+def _match_calibration(calibration: list, names: list[str], user: tuple, dynamic: bool) -> list | None:
+    """The calibration batches in the order this graph takes its inputs, or None when that order
+    cannot be known for sure or they do not fit (another fragment of a graph with breaks, other
+    shapes than a graph traced at static shapes runs at).
+
+    Batches may be dicts keyed by the forward's argument names (unambiguous), or tuples in the
+    forward's positional order, which are used only when the graph's inputs are positional
+    arguments or there is one input: dynamo orders a graph's inputs by first use, not by signature.
+    """
+    picked = []
+    for b in calibration:
+        if isinstance(b, dict):
+            keys = [re.fullmatch(r"L_(\w+?)_", n) for n in names]
+            if not all(keys) or any(k.group(1) not in b for k in keys):
+                return None
+            picked.append(tuple(b[k.group(1)] for k in keys))
+            continue
+        b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
+        order = [re.fullmatch(r"L_args_(\d+)_", n) for n in names]
+        if all(order) and all(int(m.group(1)) < len(b) for m in order):
+            picked.append(tuple(b[int(m.group(1))] for m in order))
+        elif len(b) == 1 and len(names) == 1:
+            picked.append(b)
+        else:
+            return None
     fits = all(len(b) == len(user) and all(isinstance(t, torch.Tensor) and t.dtype == u.dtype and t.dim() == u.dim()
-                                           for t, u in zip(b, user)) for b in batches)
-    return batches if fits else None
+                                           for t, u in zip(b, user)) for b in picked)
+    if fits and not dynamic:
+        picked = [b for b in picked if all(t.shape == u.shape for t, u in zip(b, user))]
+    return picked if fits and picked else None
 
 
-def _compile(gm, args, param_pos, placeholders, user, opts):
+def _compile(gm, args, param_pos, sizes, placeholders, user, opts, dynamic):
     import lrcc
+    # a graph traced at static shapes compiles to a model for those shapes only: they are part of the key
+    shapes = None if dynamic else tuple(tuple(u.shape) for u in user)
     key = (tuple((args[i].data_ptr(), tuple(args[i].shape)) for i in param_pos), str(opts.get("target", "cpu")),
-           str(opts.get("budget")), len(user))
+           str(opts.get("budget")), len(user), shapes)
     if key in _CACHE:
         return _CACHE[key]
     names = {i: _param_path(placeholders[i]) for i in param_pos}
-    bound = _Bound(gm, {i: args[i] for i in param_pos}, names, len(args)).eval()
+    bound = _Bound(gm, {i: args[i] for i in param_pos}, names, sizes, len(args)).eval()
     given = opts.get("calibration")
-    user_names = [placeholders[i] for i in range(len(args)) if i not in param_pos]
-    calibration = _match_calibration(given, user_names, user) if given is not None else None
+    user_names = [placeholders[i] for i in range(len(args)) if i not in param_pos and i not in sizes]
+    calibration = _match_calibration(given, user_names, user, dynamic) if given is not None else None
     if given is not None and calibration is None:
         warnings.warn("lrcc backend: the calibration data does not fit this graph's inputs (a fragment after a "
-                      "graph break?); calibrating this graph on its first call's inputs instead")
+                      "graph break, or batches of other shapes for a graph traced at static shapes: use "
+                      "torch.compile(..., dynamic=True)); calibrating this graph on its first call's inputs instead")
     rest = {k: v for k, v in opts.items() if k not in ("target", "budget", "calibration")}
     cm = lrcc.compile(bound, user, target=opts.get("target", "cpu"), budget=opts.get("budget"),
                       calibration=calibration, options=rest)

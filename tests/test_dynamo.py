@@ -48,7 +48,7 @@ def test_same_result_as_lrcc_compile_and_no_recompile_on_same_shape() -> None:
     cal = _batches()
     budget = lrcc.Budget(params=0.4)
     direct = lrcc.compile(model, cal[0], budget=budget, calibration=cal)
-    compiled = torch.compile(model, backend="lrcc", options={"budget": budget, "calibration": cal})
+    compiled = torch.compile(model, backend="lrcc", dynamic=True, options={"budget": budget, "calibration": cal})
     x = torch.randn(7, 64)
     with torch.no_grad():
         y = compiled(x)
