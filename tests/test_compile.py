@@ -15,13 +15,7 @@ ROW_KEYS = {"site", "rule", "choice", "params_before", "params_after", "bytes_be
             "error"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # toy-sized ops: one thread is fastest and immune to a busy machine's oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):

@@ -17,13 +17,7 @@ from lrcc.ir.serialize import graph_from_json, graph_to_json
 from lrcc.rewrites.low_rank import replace_with_lowrank
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # toy-sized ops: one thread is fastest and immune to a busy machine's oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ToyAttention(nn.Module):

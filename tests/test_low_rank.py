@@ -14,13 +14,7 @@ from lrcc.rewrites.low_rank import (breakeven_rank, candidate_ranks, refit_facto
                                     svd_spectrum, whitened_spectrum)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # toy-sized ops: one thread is fastest and immune to a busy machine's oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MLP(nn.Module):

@@ -21,12 +21,7 @@ from lrcc.rewrites.rule import replace_site
 from lrcc.rewrites.sparse_low_rank import csr_parts, sparse_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int, rows: int = 2000, seed: int = 0) -> torch.Tensor:
