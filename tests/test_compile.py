@@ -10,6 +10,7 @@ from torch import nn
 
 import lrcc
 from lrcc import Budget, BudgetError, CalibrationError, LrccError
+from tests.toy_models import NearlyLowRank, nearly_low_rank_batches
 
 ROW_KEYS = {"site", "rule", "choice", "params_before", "params_after", "bytes_before", "bytes_after", "est_latency_s",
             "error"}
@@ -296,31 +297,9 @@ def test_layer_called_twice_compiles_and_stays_dense() -> None:
         assert torch.isfinite(cm(x)).all() and cm(x).shape == want.shape
 
 
-class NearlyLowRank(nn.Module):
-    """Weights of rank 8 plus a little noise: compressible, so max_error budgets have room."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(5)
-        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 16)
-        with torch.no_grad():
-            for lin in (self.a, self.b):
-                m, n = lin.weight.shape
-                low = torch.randn(m, 8, generator=gen) @ torch.randn(8, n, generator=gen) / n
-                lin.weight.copy_(low + 1e-3 * torch.randn(m, n, generator=gen))
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
-def _nlr_batches():
-    gen = torch.Generator().manual_seed(6)
-    return [(torch.randn(b, 64, generator=gen),) for b in (40, 32, 48, 40, 36, 44, 40, 32)]
-
-
 def test_max_error_budget_compresses_within_the_measured_error() -> None:
     model = NearlyLowRank().eval()
-    batches = _nlr_batches()
+    batches = nearly_low_rank_batches()
     cm = lrcc.compile(model, batches[0], budget=Budget(max_error=0.02), calibration=batches,
                       options={"rules": [lrcc.rewrites.factorize_linear]})
     t = cm.report.totals
@@ -330,7 +309,7 @@ def test_max_error_budget_compresses_within_the_measured_error() -> None:
 
 def test_max_error_unreachable_raises_or_flags() -> None:
     model = NearlyLowRank().eval()
-    batches = _nlr_batches()
+    batches = nearly_low_rank_batches()
     budget = Budget(params=0.5, max_error=1e-9)
     with pytest.raises(LrccError, match="max_error"):
         lrcc.compile(model, batches[0], budget=budget, calibration=batches)

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import lrcc
 import lrcc.dynamo
+from tests.toy_models import NearlyLowRank, nearly_low_rank_batches
 
 
 @pytest.fixture(autouse=True)
@@ -23,29 +23,9 @@ def _fresh():
     torch._dynamo.reset()
 
 
-class NearlyLowRank(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(5)
-        self.a, self.b = nn.Linear(64, 96), nn.Linear(96, 32)
-        with torch.no_grad():
-            for lin in (self.a, self.b):
-                m, n = lin.weight.shape
-                lin.weight.copy_(torch.randn(m, 8, generator=gen) @ torch.randn(8, n, generator=gen) / n
-                                 + 1e-3 * torch.randn(m, n, generator=gen))
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
-def _batches():
-    gen = torch.Generator().manual_seed(6)
-    return [(torch.randn(b, 64, generator=gen),) for b in (40, 32, 48, 40, 36, 44, 40, 32)]
-
-
 def test_same_result_as_lrcc_compile_and_no_recompile_on_same_shape() -> None:
-    model = NearlyLowRank().eval()
-    cal = _batches()
+    model = NearlyLowRank(hidden=96, out=32).eval()
+    cal = nearly_low_rank_batches()
     budget = lrcc.Budget(params=0.4)
     direct = lrcc.compile(model, cal[0], budget=budget, calibration=cal)
     compiled = torch.compile(model, backend="lrcc", dynamic=True, options={"budget": budget, "calibration": cal})
@@ -64,6 +44,9 @@ def test_same_result_as_lrcc_compile_and_no_recompile_on_same_shape() -> None:
 
 def test_graph_break_still_gives_a_correct_model() -> None:
     class Broken(NearlyLowRank):
+        def __init__(self):
+            super().__init__(hidden=96, out=32)
+
         def forward(self, x):
             h = torch.tanh(self.a(x))
             torch._dynamo.graph_break()

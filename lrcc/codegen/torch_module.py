@@ -114,7 +114,6 @@ def lower_to_torch(g: Graph) -> Lowered:
     root.c = nn.Module()
     fx = torch.fx.Graph()
     env: dict[str, torch.fx.Node] = {}
-    users = g.users()
     site_names: dict[str, str] = {}
 
     def value(ref: Ref) -> torch.fx.Node:
@@ -150,6 +149,5 @@ def lower_to_torch(g: Graph) -> Lowered:
             fx.output(tuple(map_refs(n.attrs["args"], value)))
         else:
             raise LrccError(f"codegen torch: cannot lower node {n.name!r} of kind {n.op!r}")
-    del users
     gm = torch.fx.GraphModule(root, fx, class_name="LrccModel")
     return Lowered(gm, g.meta.get("out_spec"), site_names)

@@ -49,7 +49,6 @@ class PlanResult:
     notes: list[str] = field(default_factory=list)
     caps: dict[str, float] = field(default_factory=dict)
     predicted_error: float = 0.0
-    frontier: list[tuple[float, float]] = field(default_factory=list)  # (params, predicted error) per option
     dropped: list[tuple[str, str]] = field(default_factory=list)  # sites left alone: (site, reason)
 
 
@@ -188,8 +187,7 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
                      f"{max_error:.2e}: re-planned with a tighter cap")
         error_cap *= 0.8 * max_error / measured
         t3 = time.perf_counter()
-    frontier = [(o.costs["params"], o.error) for opts in table.values() for o in opts]
-    return PlanResult(new, decisions, timings, notes, caps, predicted, frontier, dropped)
+    return PlanResult(new, decisions, timings, notes, caps, predicted, dropped)
 
 
 def _apply(g, sites, table, choice, families, node_of, original, sens, fit_batches, options, timings, progress):

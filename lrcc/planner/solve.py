@@ -32,7 +32,7 @@ def minimum_reachable(sites: dict[str, list[Option]], resource: str, fixed: floa
 
 
 def solve(sites: dict[str, list[Option]], caps: dict[str, float], fixed: dict[str, float] | None = None,
-          objective: str = "error", error_cap: float | None = None, labels: dict[str, str] | None = None) -> dict[str, int]:
+          objective: str = "error", error_cap: float | None = None) -> dict[str, int]:
     """Pick one option index per site. caps: resource -> cap on (fixed + chosen sum).
 
     objective "error": minimise total error under the caps; objective "params": minimise parameters
@@ -40,14 +40,11 @@ def solve(sites: dict[str, list[Option]], caps: dict[str, float], fixed: dict[st
     reachable value when a cap cannot be met.
     """
     fixed = fixed or {}
-    labels = labels or {}
     names = list(sites)
     for res, cap in caps.items():
         least = minimum_reachable(sites, res, fixed.get(res, 0.0))
         if least > cap * (1 + 1e-9):
-            what = labels.get(res, res)
-            raise BudgetError(f"budget {what} cannot be met: the smallest reachable is {least:.6g} "
-                              f"({least / labels.get(res + '_scale', 1.0):.4g} as budgeted), asked for {cap:.6g}")
+            raise BudgetError(f"budget {res} cannot be met: the smallest reachable is {least:.6g}, asked for {cap:.6g}")
     index: list[tuple[int, int]] = [(s, j) for s, name in enumerate(names) for j in range(len(sites[name]))]
     nv = len(index)
     if nv == 0:
@@ -93,7 +90,7 @@ def solve(sites: dict[str, list[Option]], caps: dict[str, float], fixed: dict[st
     for r, cap in caps.items():
         total = fixed.get(r, 0.0) + sum(sites[n][choice[n]].costs[r] for n in names)
         if total > cap * (1 + 1e-6) + 1e-9:
-            raise BudgetError(f"the solver's allocation exceeds the {labels.get(r, r)} cap ({total:.6g} > {cap:.6g})")
+            raise BudgetError(f"the solver's allocation exceeds the {r} cap ({total:.6g} > {cap:.6g})")
     return choice
 
 

@@ -255,6 +255,13 @@ def _guard(g: Graph, n: Node) -> str | None:
     return None
 
 
+def site_weight(g: Graph, n: Node) -> tuple[torch.Tensor, int, int, str, int]:
+    """A linear site's weight (fp32), its shape, its site name and its bias bytes."""
+    w = g.tensor(n.inputs[1]).float()
+    m, k = w.shape
+    return w, m, k, n.attrs["site"], (4 * m if len(n.inputs) > 2 else 0)
+
+
 def _delta_family(w: torch.Tensor, parts_fn, attrs: dict[str, Any]):
     box: dict[str, Delta] = {}
 
@@ -267,10 +274,7 @@ def _delta_family(w: torch.Tensor, parts_fn, attrs: dict[str, Any]):
 
 
 def _offer_quant(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
-    w = g.tensor(n.inputs[1]).float()
-    m, k = w.shape
-    site = n.attrs["site"]
-    bias = 4 * m if len(n.inputs) > 2 else 0
+    w, m, k, site, bias = site_weight(g, n)
     out: list[Candidate] = []
     methods = options.get("quant_methods", ("gptq", "awq"))
     for method in methods:
@@ -296,10 +300,7 @@ def _offer_quant(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
 
 def _offer_lq(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
     from .low_rank import whitened_for
-    w = g.tensor(n.inputs[1]).float()
-    m, k = w.shape
-    site = n.attrs["site"]
-    bias = 4 * m if len(n.inputs) > 2 else 0
+    w, m, k, site, bias = site_weight(g, n)
     spectrum = lambda stats: whitened_for(stats, w, site)
 
     out: list[Candidate] = []

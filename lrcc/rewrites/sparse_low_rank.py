@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..ir.graph import Graph, Node
-from .quantize import _delta_family, _guard
+from .quantize import _delta_family, _guard, site_weight
 from .rule import Candidate, Rule
 
 SPARSE_CONFIGS = ((0.05, (16, 32, 64)), (0.1, (16, 32, 64)))
@@ -37,10 +37,7 @@ def sparse_bytes(m: int, n: int, nnz: int) -> int:
 
 def _offer(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
     from .low_rank import whitened_for
-    w = g.tensor(n.inputs[1]).float()
-    m, k = w.shape
-    site = n.attrs["site"]
-    bias = 4 * m if len(n.inputs) > 2 else 0
+    w, m, k, site, bias = site_weight(g, n)
     spectrum = lambda stats: whitened_for(stats, w, site)
 
     out: list[Candidate] = []
