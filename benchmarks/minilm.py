@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from lrcc.planner.calibrate import output_error  # noqa: E402
 from lrcc.zoo import corpus, minilm  # noqa: E402
 from lrcc.rewrites import factorize_linear, quantize_linear  # noqa: E402
 from lrcc.zoo.baselines import uniform_lowrank, uniform_quant  # noqa: E402
+from docs_sections import write_section  # noqa: E402
 
 
 def time_models(models: dict, inputs, repeats: int) -> dict[str, float]:
@@ -213,18 +213,6 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_section(path: Path, key: str, body: str) -> None:
-    """Replace (or append) the section between <!-- key:begin --> and <!-- key:end --> markers."""
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    text = path.read_text() if path.exists() else "# lrcc benchmarks\n\nEvery number here is written by a script under benchmarks/.\n"
-    block = f"{begin}\n{body}{end}"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ class CompiledModel(torch.nn.Module):
         self.target = target
         self.budget = budget
         self.backend = backend
-        self.module: Lowered = lower_to_torch(graph)
+        # GPU targets: compressed sites call their Triton kernels (lrcc.codegen.triton)
+        self.module: Lowered = lower_to_torch(graph, gpu=target.kind == "gpu")
         # "inductor": the lowered graph goes through torch.compile's inductor, which fuses the
         # elementwise work (GELU, residual adds, layer norms) around the products; the first call
         # pays its compile time.
@@ -50,10 +51,15 @@ class CompiledModel(torch.nn.Module):
         return self._run(*inputs)
 
     def save(self, path: str | os.PathLike, arch: str | None = None, format: str | None = None) -> Path:
-        """Write the plan (IR + report), the compressed weights (safetensors) and the IR as text."""
+        """Write the plan (IR + report), the compressed weights (safetensors) and the IR as text;
+        with arch (GPU targets, e.g. "sm_80", "sm_90") also kernels/: each Triton kernel's source and
+        its PTX for that arch, and a manifest of which site launches what."""
+        if arch is not None and self.target.kind != "gpu":
+            raise LrccError(f"save(arch={arch!r}): the model was compiled for {self.target.name!r}, which has no "
+                            "GPU kernels; compile with target='a100' or 'h100'")
         if arch is not None:
-            raise LrccError(f"save(arch={arch!r}): Triton kernel generation is not implemented yet; "
-                            "save without arch to write the torch plan")
+            from .codegen.triton.aot import parse_arch
+            parse_arch(arch)  # an unknown arch fails before anything is written
         if format not in (None, "lrcc"):
             raise LrccError(f"save(format={format!r}): only the lrcc format is implemented yet")
         out = Path(path)
@@ -66,6 +72,9 @@ class CompiledModel(torch.nn.Module):
         (out / "report.json").write_text(self.report.to_json())
         (out / "report.txt").write_text(str(self.report) + "\n")
         (out / "graph.txt").write_text(print_graph(self.graph))
+        if arch is not None:
+            from .codegen.triton.export import write_kernels
+            write_kernels(self.module, out, arch)
         return out
 
 
@@ -154,6 +163,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
 
     if bud.bytes is not None or bud.latency is not None:
         options.setdefault("lowrank_fp16", True)  # fp16 factors halve the bytes at no measurable error
+    if tgt.kind == "gpu":
+        from .codegen.triton.layout import KERNEL_BITS
+        options.setdefault("quant_bits", KERNEL_BITS)  # only widths the Triton kernels unpack
     m = match(g, list(options.get("rules", DEFAULT_RULES)), options)
     dims = example_dims(g, example_inputs)
     reference = lower_to_torch(g)

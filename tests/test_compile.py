@@ -148,7 +148,7 @@ def test_save_load_round_trip(half, toy, tmp_path) -> None:
 
 
 def test_save_rejects_unimplemented(half, tmp_path) -> None:
-    with pytest.raises(LrccError, match="Triton"):
+    with pytest.raises(LrccError, match="no GPU kernels"):
         half.save(tmp_path / "x", arch="sm_90")
     with pytest.raises(LrccError, match="onnx"):
         half.save(tmp_path / "x", format="onnx")

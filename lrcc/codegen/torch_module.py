@@ -75,9 +75,19 @@ class CompressedLinear(nn.Module):
         return low if w is None else low + F.linear(x, w)
 
 
-def site_module(g: Graph, n: Node) -> nn.Module:
-    """The torch module computing one site node."""
+def site_module(g: Graph, n: Node, gpu: bool = False) -> nn.Module:
+    """The torch module computing one site node; with gpu=True compressed sites call their Triton
+    kernels (lrcc.codegen.triton)."""
     ts = [g.tensor(i) for i in n.inputs[1:]]
+    if gpu:
+        from .triton.modules import gpu_site_module
+        if n.op == "lowrank_linear":
+            parts = dict(zip(("v", "u", "bias"), ts))
+        else:
+            parts = dict(zip(n.attrs.get("roles", ()), ts))
+        mod = gpu_site_module(n.op, parts, n.attrs, n.attrs["site"])
+        if mod is not None:
+            return mod
     if n.op == "linear":
         return DenseLinear(ts[0], ts[1] if len(ts) > 1 else None)
     if n.op == "lowrank_linear":
@@ -107,8 +117,8 @@ class Lowered(nn.Module):
         return pytree.tree_unflatten(list(outs), self._out_spec)
 
 
-def lower_to_torch(g: Graph) -> Lowered:
-    """A torch module that computes the graph."""
+def lower_to_torch(g: Graph, gpu: bool = False) -> Lowered:
+    """A torch module that computes the graph; gpu=True lowers compressed sites to Triton kernels."""
     root = nn.Module()
     root.sites = nn.Module()
     root.c = nn.Module()
@@ -137,7 +147,7 @@ def lower_to_torch(g: Graph) -> Lowered:
             attr = safe_name(site)
             if hasattr(root.sites, attr):
                 raise LrccError(f"codegen torch: two sites named {site!r}")
-            root.sites.add_module(attr, site_module(g, n))
+            root.sites.add_module(attr, site_module(g, n, gpu))
             site_names[site] = f"sites.{attr}"
             env[n.name] = fx.call_module(f"sites.{attr}", (value(Ref(n.inputs[0])),))
         elif n.op == "aten":

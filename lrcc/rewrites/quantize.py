@@ -273,13 +273,20 @@ def _delta_family(w: torch.Tensor, parts_fn, attrs: dict[str, Any]):
     return get
 
 
+def _allowed(specs, options: dict[str, Any]):
+    """The specs whose bit width the target can run (option quant_bits; GPU targets set it to the
+    widths their kernels unpack)."""
+    bits = options.get("quant_bits")
+    return [s for s in specs if bits is None or s.bits in bits]
+
+
 def _offer_quant(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
     w, m, k, site, bias = site_weight(g, n)
     out: list[Candidate] = []
     methods = options.get("quant_methods", ("gptq", "awq"))
     for method in methods:
         specs = QUANT_SPECS if method == "gptq" else AWQ_SPECS
-        for spec in specs:
+        for spec in _allowed(specs, options):
             cols = padded_columns(k, spec.group)
             attrs = {"m": m, "n": k, "bits": spec.bits, "group": spec.group, "cols": cols}
             if method == "gptq":
@@ -305,6 +312,8 @@ def _offer_lq(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
 
     out: list[Candidate] = []
     for spec, ranks in options.get("lq_configs", LQ_CONFIGS):
+        if spec.bits not in options.get("quant_bits", (spec.bits,)):
+            continue
         for r in ranks:
             if r >= min(m, k) // 2:
                 continue

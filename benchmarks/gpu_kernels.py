@@ -1,0 +1,218 @@
+"""lrcc's Triton kernels against cuBLAS and against the unfused torch sequence of each form.
+
+Llama-7B-like weights (in x out: 4096x4096, 4096x11008, 11008x4096) at M (tokens) in
+{1, 16, 128, 2048, 8192}, fp16 activations:
+- dense fp16 F.linear (cuBLAS): the baseline;
+- low-rank r = d/4 and d/8 (d = min(in, out)): lrcc's kernel (fused, or two matmul passes where
+  autotuning prefers them) vs F.linear(F.linear(x, V), U, b);
+- int8 per channel and int4 group 128 weight-only (int4 g32 / g64 on the square shape): lrcc's
+  kernel vs dequantise-then-F.linear in torch;
+- int4 g128 + rank 32 (SVDQuant / LQ form): the fused kernel vs the quantised kernel alone and vs
+  the quantised kernel plus an unfused torch low-rank branch;
+- where available, block-sparse + low-rank and linear attention kernels (see the table notes).
+
+Times are medians of triton.testing.do_bench (L2 flushed before every call, so weights stream
+from device memory as in decoding). Achieved TFLOP/s counts the form's own FLOPs; GB/s counts
+the fewest bytes the form must move (weights, x and y once); both are also given as a fraction of
+the peaks measured at the start of the run (a large device-to-device copy; an 8192^3 fp16 cuBLAS
+product). Every kernel's output is checked against its torch form before it is timed.
+
+    python benchmarks/gpu_kernels.py [--quick] [--m 1 16 128 2048 8192] [--no-write]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from docs_sections import write_section  # noqa: E402
+
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (in features K, out features N)
+
+
+DEVICE = "cuda"
+
+
+def bench(fn) -> float:
+    """Median milliseconds of fn() on the GPU (one wall-clock run in a --smoke run)."""
+    if DEVICE != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def measure_peaks() -> tuple[float, float]:
+    """(bytes/s of a device-to-device copy, FLOP/s of an 8192^3 fp16 cuBLAS product)."""
+    if DEVICE != "cuda":
+        return 20e9, 1e11
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    bw = 2 * src.numel() / (ms * 1e-3)
+    src = dst = None
+    x = torch.randn(8192, 8192, dtype=torch.float16, device=DEVICE)
+    y = torch.randn(8192, 8192, dtype=torch.float16, device=DEVICE)
+    ms = bench(lambda: x @ y)
+    return bw, 2 * 8192 ** 3 / (ms * 1e-3)
+
+
+def quantise(w: torch.Tensor, bits: int, group: int):
+    """Packed kernel layout (on the GPU) of w quantised by round-to-nearest."""
+    from lrcc.codegen.triton.layout import pack_for_kernel, to_device
+    from lrcc.rewrites.quantize import QuantSpec, quantize_rtn
+    codes, scale, zero = quantize_rtn(w.float().cpu(), QuantSpec(bits, group))
+    packed = pack_for_kernel(codes, scale.half(), zero.half(), bits, group, w.shape[1], None, None)
+    return to_device(packed, DEVICE)
+
+
+def packed_bytes(w: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in w.values() if isinstance(t, torch.Tensor))
+
+
+class Table:
+    def __init__(self, bw: float, flops: float) -> None:
+        self.rows: list[list[str]] = []
+        self.bw, self.flops = bw, flops
+
+    def add(self, shape, M, form, ms, dense_ms, unfused_ms, flop, nbytes, err, note="") -> None:
+        tflops = flop / (ms * 1e-3) / 1e12
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        row = [shape, str(M), form, f"{ms * 1e3:.1f}", f"{dense_ms / ms:.2f}x",
+               "" if unfused_ms is None else f"{unfused_ms / ms:.2f}x", f"{tflops:.1f}",
+               f"{tflops * 1e12 / self.flops:.0%}", f"{gbs:.0f}", f"{gbs * 1e9 / self.bw:.0%}",
+               "" if err is None else f"{err:.1e}", note]
+        self.rows.append(row)
+        print(" | ".join(row), flush=True)
+
+    def markdown(self) -> str:
+        head = ["weight (in x out)", "M", "form", "time (us)", "vs cuBLAS", "vs unfused torch", "TFLOP/s",
+                "of peak", "GB/s", "of peak BW", "rel err", "note"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+def guarded(table, shape, M, form, fn) -> None:
+    """Run one row's measurement; a failure becomes a row saying so, and the run goes on."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - a benchmark reports every failure and carries on
+        msg = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        table.rows.append([shape, str(M), form] + [""] * 8 + [msg])
+        print(shape, M, form, msg, flush=True)
+
+
+def lowrank_row(table, shape, M, x, b, vu, dense) -> None:
+    from lrcc.codegen.triton import kernels
+    v, u = vu
+    (r, K), N = v.shape, u.shape[0]
+    ref = F.linear(F.linear(x, v), u, b)
+    err = rel(kernels.lowrank_linear(x, v, u, b), ref)  # the first call autotunes
+    chosen = kernels._TUNED.get(("lowrank_linear", kernels._bucket(M), N, K, r, x.dtype), {})
+    t = bench(lambda: kernels.lowrank_linear(x, v, u, b))
+    t_unf = bench(lambda: F.linear(F.linear(x, v), u, b))
+    table.add(shape, M, f"low-rank r={r}", t, dense, t_unf, 2 * M * r * (K + N), 2 * r * (K + N) + 2 * M * (K + N),
+              err, chosen.get("strategy", ""))
+
+
+def quant_row(table, shape, M, x, wq, spec, dense) -> float:
+    from lrcc.codegen.triton import kernels
+    K, N = wq["k"], wq["n"]
+    ref = F.linear(x, kernels.reference_weight(wq).half())
+    err = rel(kernels.quant_linear(x, wq), ref)
+    t = bench(lambda: kernels.quant_linear(x, wq))
+    t_unf = bench(lambda: F.linear(x, kernels.reference_weight(wq).half()))
+    label = f"int{spec[0]} " + ("per channel" if spec[1] == 0 else f"g{spec[1]}")
+    table.add(shape, M, label, t, dense, t_unf, 2 * M * K * N, packed_bytes(wq) + 2 * M * (K + N), err)
+    return t
+
+
+def quant_lowrank_row(table, shape, M, x, wq, vu, dense, t_quant) -> None:
+    from lrcc.codegen.triton import kernels
+    v, u = vu
+    K, N, r = wq["k"], wq["n"], v.shape[0]
+    ref = F.linear(x, kernels.reference_weight(wq).half()) + F.linear(F.linear(x, v), u)
+    err = rel(kernels.quant_linear(x, wq, v, u), ref)
+    t = bench(lambda: kernels.quant_linear(x, wq, v, u))
+    t_unf = bench(lambda: kernels.quant_linear(x, wq) + F.linear(F.linear(x, v), u))
+    table.add(shape, M, f"int4 g128 + r{r} fused", t, dense, t_unf, 2 * M * (K * N + r * (K + N)),
+              packed_bytes(wq) + 2 * r * (K + N) + 2 * M * (K + N), err, f"{t / t_quant:.2f}x the int4 kernel alone")
+
+
+def run(args) -> str:
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (Triton interpreter, smoke run)"
+    bw, peak = measure_peaks()
+    print(f"{name}: copy {bw / 1e9:.0f} GB/s, fp16 cuBLAS {peak / 1e12:.0f} TFLOP/s", flush=True)
+    table = Table(bw, peak)
+    started = time.time()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    for K, N in shapes:
+        shape = f"{K}x{N}"
+        w = (torch.randn(N, K, device=DEVICE) / K ** 0.5).half()
+        b = torch.randn(N, device=DEVICE).half()
+        d = min(K, N)
+        quants = [(8, 0), (4, 128)] + ([(4, 32), (4, 64)] if (K, N) == shapes[0] else [])
+        packed = {spec: quantise(w, *spec) for spec in quants}
+        low = {r: ((torch.randn(r, K, device=DEVICE) / K ** 0.5).half(),
+                   (torch.randn(N, r, device=DEVICE) / r ** 0.5).half()) for r in (d // 4, d // 8, 32)}
+        for M in args.m:
+            x = torch.randn(M, K, device=DEVICE).half()
+            io = 2 * (M * K + M * N)
+            dense = bench(lambda: F.linear(x, w, b))
+            table.add(shape, M, "dense fp16 (cuBLAS)", dense, dense, None, 2 * M * K * N, 2 * N * K + io, None)
+            for r in (d // 4, d // 8):
+                guarded(table, shape, M, f"low-rank r={r}", lambda r=r: lowrank_row(table, shape, M, x, b, low[r], dense))
+            times = {}
+            for spec in quants:
+                guarded(table, shape, M, f"int{spec[0]} g{spec[1]}",
+                        lambda spec=spec: times.__setitem__(spec, quant_row(table, shape, M, x, packed[spec], spec, dense)))
+            if (4, 128) in times:
+                guarded(table, shape, M, "int4 g128 + r32", lambda: quant_lowrank_row(table, shape, M, x, packed[(4, 128)],
+                                                                                       low[32], dense, times[(4, 128)]))
+        print(f"[{time.time() - started:.0f}s] {shape} done", flush=True)
+    header = (f"Device: **{name}**; measured peaks: copy {bw / 1e9:.0f} GB/s, fp16 cuBLAS {peak / 1e12:.0f} TFLOP/s. "
+              f"torch {torch.__version__}, triton {__import__('triton').__version__}. 'vs cuBLAS' and 'vs unfused "
+              "torch' are speed-ups (their time / lrcc's); 'of peak' fractions are of the measured peaks.\n\n")
+    return header + table.markdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 128, 2048, 8192])
+    ap.add_argument("--shapes", nargs="+", help="weights as INxOUT (default: the Llama-7B shapes)")
+    ap.add_argument("--smoke", action="store_true", help="run on the CPU under TRITON_INTERPRET=1 (tiny "
+                    "--shapes and --m): checks this script, times nothing meaningful; never writes the docs")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", type=Path, help="also write the section's markdown here")
+    args = ap.parse_args()
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+        args.no_write = True
+    elif not torch.cuda.is_available():
+        print("benchmarks/gpu_kernels.py needs a CUDA GPU; none is present (the kernels' correctness "
+              "tests run without one: python -m pytest tests/test_triton_kernels.py)")
+        sys.exit(2)
+    body = run(args)
+    if args.out:
+        args.out.write_text(body)
+    if not args.no_write:
+        write_section(ROOT / "docs" / "benchmarks.md", "gpu-kernels", body)
+
+
+if __name__ == "__main__":
+    main()

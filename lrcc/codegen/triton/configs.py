@@ -1,0 +1,106 @@
+"""Tile sizes, warps and pipeline stages for each kernel, decided from the shape and the GPU.
+
+Each function returns a short list of configs: the first is the heuristic pick (used under the
+interpreter, for ahead-of-time compiles, and when autotuning is off); on a GPU the rest are timed
+once per shape bucket and the fastest kept (lrcc.codegen.triton.kernels.tune). The reasoning:
+- Tensor-core products need every tile extent >= 16; tiles are powers of two.
+- Large M is compute-bound: big output tiles (128 x 128 / 128 x 256) with 8 warps amortise the
+  operand loads, and 3-4 pipeline stages hide the load latency (shared memory allows it: a
+  128x64 + 64x256 fp16 stage is 48 KB, and Hopper has 228 KB per SM, Ampere 164 KB).
+- M <= 16 (decoding) is bound by reading the weights once: a 16-row tile (the smallest tensor-core
+  tile), narrow column blocks and a split K loop give enough programs (>= 2 per SM) to keep
+  enough loads in flight.
+"""
+from __future__ import annotations
+
+import math
+
+MIN_TILE = 16
+SMALL_M = 16        # at or below: weight-streaming (GEMV-shaped) configs
+FUSED_MAX_RANK = 128  # widest rank-r intermediate a program keeps in registers (BLOCK_M x BLOCK_R fp32)
+PROGRAMS_PER_SM = 2
+
+
+def pow2(n: int, lo: int = MIN_TILE, hi: int | None = None) -> int:
+    """The next power of two >= n, clamped to [lo, hi]."""
+    p = lo
+    while p < n:
+        p *= 2
+    return min(p, hi) if hi else p
+
+
+def _split_k(programs: int, k_blocks: int, sms: int) -> int:
+    """K splits that bring the program count to PROGRAMS_PER_SM per SM, keeping >= 2 blocks each."""
+    want = math.ceil(PROGRAMS_PER_SM * sms / max(programs, 1))
+    return max(1, min(want, k_blocks // 2))
+
+
+def matmul_configs(M: int, N: int, K: int, sms: int) -> list[dict]:
+    """Configs for y = x W^T (x: M x K, W: N x K)."""
+    bm_cap, bn_cap, bk_cap = pow2(M, hi=128), pow2(N, hi=256), pow2(K, hi=64)
+    out = []
+    if M <= SMALL_M:
+        shapes = ((16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 32, 128, 4, 4))
+    elif M <= 128:
+        shapes = ((64, 128, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3))
+    else:
+        shapes = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+                  (256, 128, 64, 8, 3))
+    for bm, bn, bk, warps, stages in shapes:
+        cfg = {"BLOCK_M": min(bm, bm_cap), "BLOCK_N": min(bn, bn_cap), "BLOCK_K": min(bk, bk_cap), "GROUP_M": 8,
+               "num_warps": warps, "num_stages": stages}
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def lowrank_configs(M: int, N: int, K: int, R: int, sms: int) -> list[dict]:
+    """Configs for the low-rank layer: fused (rank <= FUSED_MAX_RANK) and two-pass (t = x V^T to
+    memory, then t U^T + b with matmul.py.j2), each with its own tiles."""
+    out: list[dict] = []
+    br = pow2(R)
+    if br <= FUSED_MAX_RANK:
+        bn_cap, bk_cap = pow2(N, hi=128), pow2(K, hi=64)
+        bms = (16,) if M <= SMALL_M else (64, 32, 128) if M > 128 else (32, 64)
+        for bm in bms:
+            bm = min(bm, pow2(M, hi=128))
+            m_blocks = math.ceil(M / bm)
+            for bn in (128, 64):
+                bn = min(bn, bn_cap)
+                n_blocks = math.ceil(N / bn)
+                # every row block recomputes t for each split: split only as far as the SMs need
+                split = max(1, min(n_blocks, math.ceil(PROGRAMS_PER_SM * sms / m_blocks)))
+                for n_split in sorted({split, max(1, split // 2)}):
+                    cfg = {"strategy": "fused", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk_cap, "BLOCK_R": br,
+                           "N_SPLIT": n_split, "num_warps": 4 if bm * br <= 64 * 64 else 8,
+                           "num_stages": 3}
+                    if cfg not in out:
+                        out.append(cfg)
+    first = matmul_configs(M, R, K, sms)
+    second = matmul_configs(M, N, R, sms)
+    for a, b in zip(first, second):
+        out.append({"strategy": "two_pass", "first": a, "second": b})
+    return out
+
+
+def quant_configs(M: int, N: int, K: int, block_k: int, sms: int, rank: int = 0) -> list[dict]:
+    """Configs for quant_matmul.py.j2 (BLOCK_K is fixed by the packed layout)."""
+    k_blocks = math.ceil(K / block_k)
+    extra = {"BLOCK_R": pow2(rank)} if rank else {}
+    out = []
+    if M <= SMALL_M:
+        shapes = ((16, 64, 4, 4), (16, 128, 4, 4), (16, 32, 4, 4))
+    elif M <= 128:
+        shapes = ((64, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 4))
+    else:
+        shapes = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4))
+    for bm, bn, warps, stages in shapes:
+        bm, bn = min(bm, pow2(M, hi=128)), min(bn, pow2(N, hi=256))
+        programs = math.ceil(M / bm) * math.ceil(N / bn)
+        splits = (_split_k(programs, k_blocks, sms), 1) if M <= SMALL_M else (1,)
+        for split in splits:
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split, "GROUP_M": 8, "num_warps": warps,
+                   "num_stages": stages, **extra}
+            if cfg not in out:
+                out.append(cfg)
+    return out

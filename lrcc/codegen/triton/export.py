@@ -1,0 +1,65 @@
+"""Write a compiled model's Triton kernels: each kernel's source and, per arch, its PTX."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import configs
+from .aot import AotJob, compile_many, parse_arch
+from .render import render
+
+SMS = {80: 108, 86: 84, 89: 128, 90: 132}  # streaming multiprocessors: A100, A10/A40-class, L40, H100 SXM
+TOKENS = {"decode": 1, "prefill": 2048}     # the row counts a saved kernel set is specialised for
+
+
+def launches(call: dict[str, Any], M: int, sms: int) -> list[tuple[str, dict, dict]]:
+    """(template, flags, config) of the kernels one site launches for M rows, heuristic configs."""
+    s = call["shape"]
+    if call["template"] == "lowrank_linear":
+        cfg = configs.lowrank_configs(M, s["N"], s["K"], s["R"], sms)[0]
+        if cfg["strategy"] == "fused":
+            return [("lowrank_linear", {}, {k: v for k, v in cfg.items() if k != "strategy"})]
+        return [("matmul", {}, cfg["first"]), ("matmul", {}, cfg["second"])]
+    if call["template"] == "quant_matmul":
+        cfg = configs.quant_configs(M, s["N"], s["K"], s["BLOCK_K"], sms, s["R"])[0]
+        return [("quant_matmul", call["flags"], {**cfg, "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]})]
+    if call["template"] == "sparse_lowrank_linear":
+        return [("sparse_lowrank_linear", call["flags"], call["config"](M, sms))]
+    raise ValueError(f"unknown kernel template {call['template']!r}")
+
+
+def write_kernels(module: nn.Module, out: Path, arch: str, dtype: str = "fp16") -> dict[str, Any]:
+    """Write kernels/<template>.py sources and kernels/<template>-<config hash>.<arch>.ptx for every
+    kernel the model's sites launch (decode and prefill configs), plus kernels/manifest.json."""
+    cc = parse_arch(arch)
+    sms = SMS.get(cc, 108)
+    kdir = out / "kernels"
+    kdir.mkdir(parents=True, exist_ok=True)
+    jobs: dict[str, AotJob] = {}
+    sites: dict[str, list[dict[str, Any]]] = {}
+    for name, mod in module.named_modules():
+        calls = getattr(mod, "kernel_calls", None)
+        if calls is None:
+            continue
+        entries = []
+        for call in calls():
+            for phase, M in TOKENS.items():
+                for template, flags, cfg in launches(call, M, sms):
+                    stem = template + ("_lowrank" if flags.get("lowrank") else "")
+                    source = render(template, **flags)
+                    (kdir / f"{stem}.py").write_text(source)
+                    key = hashlib.sha256(json.dumps([stem, cfg], sort_keys=True).encode()).hexdigest()[:10]
+                    ptx_name = f"{stem}-{key}.{arch}.ptx"
+                    jobs.setdefault(ptx_name, AotJob(template, cfg, arch, dtype, dict(flags)))
+                    entries.append({"phase": phase, "rows": M, "source": f"{stem}.py", "ptx": ptx_name, "config": cfg})
+        sites[getattr(mod, "site", name)] = entries
+    names = sorted(jobs)
+    for ptx_name, res in zip(names, compile_many([jobs[n] for n in names]) if names else []):
+        (kdir / ptx_name).write_text(res["ptx"])
+    manifest = {"arch": arch, "dtype": dtype, "sms_assumed": sms, "sites": sites}
+    (kdir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest

@@ -1,0 +1,213 @@
+"""Triton kernels for the low-rank and quantised forms, against their torch references.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+on small ragged shapes; ahead-of-time compiles for sm_80 and sm_90 check that each kernel builds
+for real GPUs and uses their tensor cores. Tolerances: fp32 products run in full fp32 ("ieee"),
+so 1e-4 relative; fp16 operands with fp32 accumulation, 2e-2 relative (the intermediate rank-r
+product and the dequantised weights are rounded to fp16 as the torch reference rounds them).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lrcc.codegen.triton import configs, kernels
+from lrcc.codegen.triton.aot import AotJob, compile_many
+from lrcc.codegen.triton.layout import pack_for_kernel
+from lrcc.errors import LrccError
+from lrcc.rewrites.quantize import QuantSpec, dequantize, quantize_rtn
+
+from .conftest import device
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _lowrank_case(M, K, N, R, dtype, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen)
+    v = torch.randn(R, K, generator=gen) / K ** 0.5
+    u = torch.randn(N, R, generator=gen) / R ** 0.5
+    b = torch.randn(N, generator=gen) if bias else None
+    dev = device()
+    return [t if t is None else t.to(dev, dtype) for t in (x, v, u, b)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,K,N,R,bias", [(37, 70, 53, 12, True), (5, 48, 33, 20, False), (130, 40, 24, 7, True)])
+def test_fused_lowrank_matches_reference(M, K, N, R, bias, dtype) -> None:
+    x, v, u, b = _lowrank_case(M, K, N, R, dtype, bias)
+    mod = kernels.kernel("lowrank_linear")
+    for cfg in configs.lowrank_configs(M, N, K, R, sms=4):
+        if cfg["strategy"] != "fused":
+            continue
+        y = mod.launch(x, v, u, b, cfg)
+        t = F.linear(x.float(), v.float()).to(dtype).float()  # the rank-r intermediate, rounded as the kernel does
+        ref = F.linear(t, u.float(), None if b is None else b.float())
+        assert y.dtype == dtype and y.shape == (M, N)
+        assert rel(y, ref) < TOL[dtype], cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_two_pass_lowrank_matches_reference(dtype) -> None:
+    """Ranks above FUSED_MAX_RANK go through two matmul.py.j2 launches."""
+    M, K, N, R = 21, 150, 40, configs.FUSED_MAX_RANK + 9
+    x, v, u, b = _lowrank_case(M, K, N, R, dtype)
+    cands = configs.lowrank_configs(M, N, K, R, sms=4)
+    assert all(c["strategy"] == "two_pass" for c in cands)
+    y = kernels.lowrank_linear(x.reshape(3, 7, K), v, u, b)
+    ref = F.linear(F.linear(x.float(), v.float()).to(dtype).float(), u.float(), b.float())
+    assert y.shape == (3, 7, N)
+    assert rel(y.reshape(M, N), ref) < TOL[dtype]
+
+
+SPECS = [(8, 0), (4, 32), (4, 64), (4, 128), (2, 32), (2, 64)]
+
+
+def _quant_case(m, n, spec, awq=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=gen)
+    codes, scale, zero = quantize_rtn(w, QuantSpec(*spec))
+    in_scale = (torch.rand(n, generator=gen) + 0.5).half() if awq else None
+    bias = torch.randn(m, generator=gen)
+    packed = pack_for_kernel(codes, scale.half(), zero.half(), spec[0], spec[1], n, in_scale, bias)
+    w_ref = dequantize(codes, scale.half(), zero.half(), n)
+    if awq:
+        w_ref = w_ref / in_scale.float()
+    return packed, w_ref, bias
+
+
+def test_packed_layout_round_trips() -> None:
+    for spec in SPECS:
+        packed, w_ref, _ = _quant_case(24, 150, spec, awq=spec == (4, 64))
+        assert torch.equal(kernels.reference_weight(packed), w_ref), spec
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quant_matmul_matches_reference(spec, dtype) -> None:
+    m, n = 40, 150  # n is not a multiple of any block: the tail is masked
+    packed, w_ref, bias = _quant_case(m, n, spec, awq=spec == (4, 32))
+    dev = device()
+    w = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+    w["bias"] = w["bias"].to(dtype)
+    mod = kernels.kernel("quant_matmul", lowrank=False)
+    for M in (3, 37):
+        x = torch.randn(M, n, generator=torch.Generator().manual_seed(M)).to(dev, dtype)
+        ref = F.linear(x.float(), w_ref.to(dev).to(dtype).float(), bias.to(dev).to(dtype).float())
+        cands = configs.quant_configs(M, m, n, packed["block_k"], sms=8)[:1]
+        cands.append({**cands[0], "SPLIT_K": 2})  # split K: programs add into an fp32 output
+        for cfg in cands:
+            y = mod.launch(x, w, cfg)
+            assert y.dtype == dtype
+            assert rel(y, ref) < TOL[dtype], (M, cfg)
+
+
+@pytest.mark.parametrize("spec", [(4, 32), (8, 0), (2, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_quant_lowrank_matches_reference(spec, dtype) -> None:
+    m, n, r = 33, 100, 12
+    packed, w_ref, bias = _quant_case(m, n, spec)
+    gen = torch.Generator().manual_seed(1)
+    v = (torch.randn(r, n, generator=gen) / 10).to(dtype)
+    u = (torch.randn(m, r, generator=gen) / 3).to(dtype)
+    dev = device()
+    w = {k: (t.to(dev) if isinstance(t, torch.Tensor) else t) for k, t in packed.items()}
+    for M in (2, 19):
+        x = torch.randn(M, n, generator=gen).to(dtype)
+        t = F.linear(x.float(), v.float()).to(dtype).float()
+        ref = F.linear(x.float(), w_ref.to(dtype).float(), bias.to(dtype).float()) + F.linear(t, u.float())
+        y = kernels.quant_linear(x.to(dev), w, v.to(dev), u.to(dev))
+        assert rel(y.cpu(), ref) < TOL[dtype], M
+
+
+def test_matmul_kernel_matches_reference() -> None:
+    x, v, u, b = _lowrank_case(45, 70, 33, 12, torch.float32)
+    mod = kernels.kernel("matmul")
+    w = torch.randn(33, 70, generator=torch.Generator().manual_seed(3)).to(x.device)
+    for cfg in configs.matmul_configs(45, 33, 70, sms=4)[:2]:
+        assert rel(mod.launch(x, w, b, cfg), F.linear(x, w, b)) < TOL[torch.float32]
+
+
+# --- bad input ----------------------------------------------------------------------------------
+def test_decode_shapes_split_k_to_fill_the_gpu() -> None:
+    """M <= 16 streams the weights: K is split until there are two programs per SM."""
+    cfg = configs.quant_configs(1, 4096, 4096, 128, sms=132)[0]
+    programs = (4096 // cfg["BLOCK_N"]) * cfg["SPLIT_K"]
+    assert cfg["BLOCK_M"] == 16 and cfg["SPLIT_K"] > 1 and programs >= 2 * 132
+    assert configs.quant_configs(2048, 4096, 4096, 128, sms=132)[0]["SPLIT_K"] == 1
+
+
+def test_unsupported_widths_and_groups_are_rejected_with_the_layer_named() -> None:
+    codes, scale, zero = quantize_rtn(torch.randn(8, 64), QuantSpec(3, 64))
+    with pytest.raises(LrccError, match=r"layers\.3\.fc: int3 .*no Triton kernel"):
+        pack_for_kernel(codes, scale, zero, 3, 64, 64, where="layers.3.fc")
+    codes, scale, zero = quantize_rtn(torch.randn(8, 64), QuantSpec(4, 8))
+    with pytest.raises(LrccError, match="group size 8"):
+        pack_for_kernel(codes, scale, zero, 4, 8, 64)
+
+
+def test_wrong_feature_count_names_the_layer() -> None:
+    x, v, u, b = _lowrank_case(4, 32, 16, 8, torch.float32)
+    with pytest.raises(LrccError, match="enc.q: input has 31 features, the layer expects 32"):
+        kernels.lowrank_linear(x[:, :31], v, u, b, where="enc.q")
+
+
+def test_without_cuda_or_interpreter_the_reference_runs_with_one_warning() -> None:
+    code = textwrap.dedent("""
+        import warnings, torch
+        from lrcc.codegen.triton import kernels
+        x, v, u = torch.randn(5, 32), torch.randn(8, 32), torch.randn(16, 8)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            y1 = kernels.lowrank_linear(x, v, u, None)
+            y2 = kernels.lowrank_linear(x, v, u, None)
+        assert torch.allclose(y1, (x @ v.t()) @ u.t(), atol=1e-5)
+        msgs = [str(m.message) for m in w if "TRITON_INTERPRET" in str(m.message)]
+        assert len(msgs) == 1, msgs
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# --- ahead-of-time compiles for real GPUs --------------------------------------------------------
+def _jobs() -> list[tuple[str, AotJob]]:
+    """Each kernel at a prefill shape (M=2048) and a decode shape (M=1) for sm_80 and sm_90."""
+    jobs = []
+    N, K = 1024, 1024
+    for arch in ("sm_80", "sm_90"):
+        for M, phase in ((2048, "prefill"), (1, "decode")):
+            fused = [c for c in configs.lowrank_configs(M, N, K, 64, sms=132) if c["strategy"] == "fused"][0]
+            jobs.append((f"lowrank_linear {phase}", AotJob("lowrank_linear", fused, arch)))
+            mm = configs.matmul_configs(M, N, K, sms=132)[0]
+            jobs.append((f"matmul {phase}", AotJob("matmul", mm, arch)))
+            for lowrank in (False, True):
+                q = configs.quant_configs(M, N, K, 128, sms=132, rank=32 if lowrank else 0)[0]
+                jobs.append((f"quant_matmul lowrank={lowrank} {phase}",
+                             AotJob("quant_matmul", {**q, "BITS": 4, "BLOCK_K": 128}, arch, flags={"lowrank": lowrank})))
+    return jobs
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
+    jobs = _jobs()
+    results = compile_many([j for _, j in jobs])
+    for (what, job), res in zip(jobs, results):
+        ptx = res["ptx"]
+        assert f".target sm_{job.arch[3:]}" in ptx, what
+        if job.arch == "sm_80":
+            assert "mma.sync.aligned" in ptx, f"{what}: no mma.sync on sm_80"
+        elif job.config["BLOCK_M"] >= 64:
+            # Hopper's warpgroup MMA needs a 64-row tile; the 16-row decode tiles use mma.sync
+            assert "wgmma.mma_async" in ptx, f"{what}: no wgmma on sm_90"
+        else:
+            assert "mma.sync.aligned" in ptx, f"{what}: no tensor-core mma on sm_90"
