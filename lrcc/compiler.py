@@ -131,7 +131,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
     calibration: an iterable of input tuples shaped like example_inputs (batch and sequence length
     may differ). Without it lrcc calibrates on example_inputs alone and says so in the report.
     options: planner knobs (rank_step, probes, sensitivity_samples, holdout, sequential, ridge, seed,
-    rules) and backend: "eager" (default: the lowered graph runs op by op) or "inductor" (the
+    rules, quant_bits, sparse_block; GPU targets default quant_bits to the widths their kernels
+    unpack and sparse_block to (16, 16)) and backend: "eager" (default: the lowered graph runs op by op) or "inductor" (the
     lowered graph is compiled by torch.compile's inductor on its first call; CPU targets).
     """
     t_start = time.perf_counter()
@@ -166,6 +167,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
     if tgt.kind == "gpu":
         from .codegen.triton.layout import KERNEL_BITS
         options.setdefault("quant_bits", KERNEL_BITS)  # only widths the Triton kernels unpack
+        # sparse parts in whole 16x16 blocks: the block-sparse kernel's tiles (entry-wise 5% sparsity
+        # leaves nearly every block non-empty, so the kernel would do dense work)
+        options.setdefault("sparse_block", (16, 16))
     m = match(g, list(options.get("rules", DEFAULT_RULES)), options)
     dims = example_dims(g, example_inputs)
     reference = lower_to_torch(g)

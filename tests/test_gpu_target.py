@@ -1,6 +1,7 @@
 """lrcc.compile for GPU targets: compressed sites call the Triton kernels (here in the
 interpreter), save(arch=...) writes each kernel's source and PTX, and plans only use forms the
 kernels implement."""
+import copy
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from lrcc.codegen.torch_module import lower_to_torch
 from lrcc.codegen.triton.modules import TritonLowRankLinear, TritonQuantLinear
 from lrcc.errors import LrccError
 
+from .conftest import device
 from .toy_models import NearlyLowRank, nearly_low_rank_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,9 +35,11 @@ def test_gpu_plan_runs_its_sites_through_the_kernels(toy, quantised) -> None:
     kinds = {type(m) for m in quantised.module.modules()}
     assert kinds & {TritonLowRankLinear, TritonQuantLinear}, kinds
     x = batches[1][0]
+    on_device = copy.deepcopy(quantised).to(device())
     with torch.no_grad():
-        y_kernels = quantised(x)
+        y_kernels = on_device(x.to(device())).cpu()
         y_torch = lower_to_torch(quantised.graph)(x)  # the same plan through the torch forms
+    # fp32 throughout; on a GPU the kernels' fp32 products are exact ("ieee"), as in the interpreter
     assert ((y_kernels - y_torch).norm() / y_torch.norm()).item() < 1e-5
 
 
@@ -44,6 +48,22 @@ def test_gpu_plans_offer_only_widths_the_kernels_unpack(toy) -> None:
     cm = lrcc.compile(model, batches[0], target="h100", budget=Budget(bytes=0.1), calibration=batches)
     bits = {n.attrs.get("bits") for n in cm.graph.sites()} - {None}
     assert bits <= {2, 4, 8}, bits
+
+
+def test_sparse_plus_lowrank_sites_use_the_block_sparse_kernel(toy) -> None:
+    from lrcc.codegen.triton.sparse import TritonSparseLowRankLinear
+    from lrcc.rewrites import sparsify_lowrank
+    model, batches = toy
+    cm = lrcc.compile(model, batches[0], target="a100", budget=Budget(params=0.6), calibration=batches,
+                      options={"rules": [sparsify_lowrank], "sparse_configs": ((0.1, (8,)),)})
+    chosen = [r["choice"] for r in cm.report.rows]
+    assert any("block-sparse 16x16" in c for c in chosen), chosen
+    assert any(isinstance(m, TritonSparseLowRankLinear) for m in cm.module.modules())
+    x = batches[2][0]
+    with torch.no_grad():
+        y = cm(x)
+        y_torch = lower_to_torch(cm.graph)(x)
+    assert ((y - y_torch).norm() / y_torch.norm()).item() < 1e-5
 
 
 def test_save_with_arch_writes_kernel_sources_and_ptx(quantised, tmp_path) -> None:

@@ -19,6 +19,7 @@ from . import configs
 from .render import interpreting, load, render
 
 _TUNED: dict[tuple, dict] = {}
+_MODULES: dict[tuple, Any] = {}
 _WARNED: set[str] = set()
 
 
@@ -49,20 +50,27 @@ def sm_count(device: torch.device) -> int:
 
 
 def kernel(template: str, **flags: Any):
-    """The loaded kernel module for a template and its render flags."""
-    return load(render(template, **flags))
+    """The loaded kernel module for a template and its render flags (cached: this is on the hot path)."""
+    key = (template, tuple(sorted(flags.items())))
+    mod = _MODULES.get(key)
+    if mod is None:
+        mod = _MODULES[key] = load(render(template, **flags))
+    return mod
 
 
 def _bucket(M: int) -> int:
     return configs.pow2(M, lo=1, hi=8192)
 
 
-def tune(key: tuple, candidates: list[dict], run: Callable[[dict], torch.Tensor], device: torch.device) -> dict:
+def tune(key: tuple, candidates: Callable[[], list[dict]], run: Callable[[dict], torch.Tensor],
+         device: torch.device) -> dict:
     """The fastest candidate config for `key` on a GPU (timed once, then cached); the first
     candidate elsewhere, or with LRCC_AUTOTUNE=0."""
     if key in _TUNED:
         return _TUNED[key]
+    candidates = candidates()
     if device.type != "cuda" or len(candidates) == 1 or os.environ.get("LRCC_AUTOTUNE", "1") == "0":
+        _TUNED[key] = candidates[0]
         return candidates[0]
     from triton.testing import do_bench
     best, best_ms = None, float("inf")
@@ -98,7 +106,7 @@ def lowrank_linear(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torc
         return torch.nn.functional.linear(torch.nn.functional.linear(x, v.to(x.dtype)), u.to(x.dtype),
                                           None if bias is None else bias.to(x.dtype))
     M = x2.shape[0]
-    cands = configs.lowrank_configs(M, N, K, R, sm_count(x2.device))
+    cands = lambda: configs.lowrank_configs(M, N, K, R, sm_count(x2.device))
 
     def run(cfg: dict) -> torch.Tensor:
         if cfg["strategy"] == "fused":
@@ -126,7 +134,7 @@ def quant_linear(x: torch.Tensor, w: dict[str, Any], v: torch.Tensor | None = No
         return y.reshape(*x.shape[:-1], N)
     M = x2.shape[0]
     rank = v.shape[0] if lowrank else 0
-    cands = configs.quant_configs(M, N, K, w["block_k"], sm_count(x2.device), rank)
+    cands = lambda: configs.quant_configs(M, N, K, w["block_k"], sm_count(x2.device), rank)
     mod = kernel("quant_matmul", lowrank=lowrank)
     run = (lambda cfg: mod.launch(x2, w, v, u, cfg)) if lowrank else (lambda cfg: mod.launch(x2, w, cfg))
     cfg = tune(("quant_matmul", lowrank, w["bits"], w["group"], _bucket(M), N, K, rank, x2.dtype), cands, run,

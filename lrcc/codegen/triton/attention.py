@@ -1,0 +1,186 @@
+"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs") on Triton.
+
+    out_i = phi(q_i)^T S / (phi(q_i)^T z + eps),  S = sum_j phi(k_j) v_j^T,  z = sum_j phi(k_j)
+
+with j over the whole sequence (non-causal) or j <= i (causal), phi = elu + 1 ("elu1") or the
+identity ("identity", for features computed before the kernel, e.g. Performer's positive random
+features). Two templates: ``linear_attention`` (state first, then every query against it) and
+``causal_linear_attention`` (chunked, as flash-linear-attention's fused_chunk). Tile sizes and launch
+parameters are decided here, by :func:`attention_config`; the templates only carry them out.
+"""
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ...errors import LrccError
+from .configs import pow2
+from .render import load, render
+
+FEATURES = ("elu1", "identity")
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+# tl.dot needs every tile side >= 16.
+_MIN_TILE = 16
+# The key dimension is one tile (the denominator needs all of it). At 512 the state is 512 x 16 with
+# 16-row chunks; at 1024 the fp32 kernels need more shared memory than an A100 (164 KiB) has.
+MAX_DK = 512
+# The largest fp32 register tile a program keeps (the state S, a chunk's phi(Q) or scores): 64 x 128
+# elements = 32 KiB, 64 registers per thread at 8 warps, leaving room for the other live tiles under
+# the 255-register limit without spilling.
+_MAX_TILE = 64 * 128
+# Up to 64 x 64 fp32 elements per tile, 4 warps suffice (32 registers per thread per tile); larger
+# tiles get 8 warps.
+_FOUR_WARP_TILE = 64 * 64
+# Causal chunk: 64 rows balances the intra-chunk work (C^2 (Dk + Dv) per chunk, i.e. C (Dk + Dv) per
+# row) against the inter-chunk work (2 Dk Dv per row) at the usual head size 64, as fla's fused_chunk.
+_CAUSAL_CHUNK = 64
+# Non-causal rows per step: no C x C tile exists, so a longer step only means fewer loop trips.
+_NONCAUSAL_CHUNK = 128
+# Enough programs to fill an A100 (108 SMs) or H100 (132 SMs) once; below that, split the value
+# columns (each split re-reads q and k and, causal, recomputes phi(Q_c) phi(K_c)^T: worth it only for
+# parallelism).
+_MIN_PROGRAMS = 128
+# Splitting stops at 32 value columns: narrower, the recomputed Dk-wide products outweigh the gain.
+_MIN_SPLIT_DV = 32
+# Shared memory the software pipeline may take for its buffered q/k/v chunks: well under an A100's
+# 164 KiB per SM (H100: 228 KiB), leaving room for the dots' operand tiles. Measured on an H200 at
+# head size 64 (fp16, B*H = 64 and 128), three stages beat two by 6-18% in every case.
+_PIPELINE_SMEM = 96 * 1024
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str) and dtype in _ITEMSIZE:
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise LrccError(f"linear attention supports {', '.join(_ITEMSIZE)}, not {dtype}")
+
+
+def attention_config(shape: tuple[int, int, int, int, int], dtype: torch.dtype | str, causal: bool) -> dict[str, int]:
+    """Tile sizes and launch parameters for linear attention of shape (B, H, L, Dk, Dv) with inputs of
+    `dtype` (torch dtype or "fp16" / "bf16" / "fp32"): BLOCK_L, BLOCK_DK, BLOCK_DV, num_warps,
+    num_stages."""
+    B, H, L, Dk, Dv = (int(d) for d in shape)
+    if Dk > MAX_DK:
+        raise LrccError(f"linear attention keeps the key dimension in one tile: Dk={Dk} > {MAX_DK}; "
+                        f"use fewer features or split the heads")
+    itemsize = _ITEMSIZE[_dtype_name(dtype)]
+    # the whole key dimension in one tile: the denominator phi(q)^T z needs all of it
+    block_dk = pow2(Dk)
+    # value columns: all of them while the fp32 state S (BLOCK_DK x BLOCK_DV) fits the register tile
+    block_dv = pow2(Dv)
+    while block_dk * block_dv > _MAX_TILE and block_dv > _MIN_TILE:
+        block_dv //= 2
+    # ... and fewer per program while there are too few programs to fill the GPU
+    n_dv = -(-Dv // block_dv)
+    while B * H * n_dv < _MIN_PROGRAMS and block_dv > _MIN_SPLIT_DV:
+        block_dv //= 2
+        n_dv = -(-Dv // block_dv)
+    # rows per chunk: no more than the sequence needs, and phi(Q_c) / V_c (C x Dk, C x Dv fp32) within
+    # the register tile
+    block_l = min(_CAUSAL_CHUNK if causal else _NONCAUSAL_CHUNK, pow2(L))
+    while block_l * max(block_dk, block_dv) > _MAX_TILE and block_l > _MIN_TILE:
+        block_l //= 2
+    largest = max(block_dk * block_dv, block_l * block_dk, block_l * block_dv, block_l * block_l if causal else 0)
+    num_warps = 4 if largest <= _FOUR_WARP_TILE else 8
+    # the chunk loop carries only S and z, so the next chunk's loads overlap this chunk's dots;
+    # a third buffer when it fits the pipeline's share of shared memory
+    stage_bytes = block_l * ((2 * block_dk if causal else block_dk) + block_dv) * itemsize
+    num_stages = 3 if 3 * stage_bytes <= _PIPELINE_SMEM else 2
+    return {"BLOCK_L": block_l, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv,
+            "num_warps": num_warps, "num_stages": num_stages}
+
+
+@functools.cache
+def kernel_module(causal: bool) -> ModuleType:
+    """The rendered and loaded kernel module: causal_linear_attention or linear_attention."""
+    return load(render(template_name(causal)))
+
+
+def template_name(causal: bool) -> str:
+    """The Triton template for causal or non-causal linear attention."""
+    return "causal_linear_attention" if causal else "linear_attention"
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature: str, eps: float) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise LrccError(f"linear_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise LrccError(f"linear_attention: {name} must be [B, H, L, D], got rank {t.dim()} "
+                            f"shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise LrccError(f"linear_attention: {name} is {t.dtype}; use float32, float16 or bfloat16")
+    if q.shape != k.shape:
+        raise LrccError(f"linear_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+    if v.shape[:3] != q.shape[:3]:
+        raise LrccError(f"linear_attention: v {tuple(v.shape)} must share B, H, L with q {tuple(q.shape)}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise LrccError(f"linear_attention: head dims must be >= 1, got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
+    if q.shape[-1] > MAX_DK:
+        raise LrccError(f"linear_attention: Dk={q.shape[-1]} > {MAX_DK}: the kernels keep the key dimension "
+                        f"in one tile; use fewer features or split the heads")
+    if q.dtype != k.dtype:
+        raise LrccError(f"linear_attention: q is {q.dtype} but k is {k.dtype}; cast them to one dtype")
+    if not (q.device == k.device == v.device):
+        raise LrccError(f"linear_attention: q, k, v are on {q.device}, {k.device}, {v.device}; move them to one")
+    if feature not in FEATURES:
+        raise LrccError(f"linear_attention: unknown feature {feature!r}; known: {', '.join(FEATURES)}")
+    if not eps > 0:
+        raise LrccError(f"linear_attention: eps must be > 0, got {eps}")
+
+
+def _check_config(config: dict[str, Any], Dk: int) -> None:
+    missing = [key for key in ("BLOCK_L", "BLOCK_DK", "BLOCK_DV", "num_warps", "num_stages") if key not in config]
+    if missing:
+        raise LrccError(f"linear_attention: config lacks {', '.join(missing)}; start from attention_config()")
+    for key in ("BLOCK_L", "BLOCK_DK", "BLOCK_DV"):
+        size = config[key]
+        if size < _MIN_TILE or size & (size - 1):
+            raise LrccError(f"linear_attention: config {key}={size} must be a power of two >= {_MIN_TILE}")
+    if config["BLOCK_DK"] < Dk:
+        raise LrccError(f"linear_attention: config BLOCK_DK={config['BLOCK_DK']} < Dk={Dk}; the kernel keeps "
+                        f"the whole key dimension in one tile")
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, feature: str = "elu1",
+                     eps: float = 1e-6, config: dict[str, Any] | None = None) -> torch.Tensor:
+    """Linear attention of q, k [B, H, L, Dk] and v [B, H, L, Dv] on Triton (any strides): returns a new
+    [B, H, L, Dv] tensor in v's dtype, accumulated in fp32. q and k share a dtype; v may differ, and
+    the dots run in v's. config defaults to attention_config()."""
+    _check(q, k, v, feature, eps)
+    B, H, L, Dk = q.shape
+    Dv = v.shape[-1]
+    if config is None:
+        config = attention_config((B, H, L, Dk, Dv), v.dtype, causal)
+    _check_config(config, Dk)
+    if B * H * L == 0:
+        return torch.empty((B, H, L, Dv), dtype=v.dtype, device=v.device)
+    return kernel_module(bool(causal)).launch(q, k, v, float(eps), feature, config)
+
+
+def _phi(x: torch.Tensor, feature: str) -> torch.Tensor:
+    x = x.float()
+    return torch.nn.functional.elu(x) + 1.0 if feature == "elu1" else x
+
+
+def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                               feature: str = "elu1", eps: float = 1e-6) -> torch.Tensor:
+    """The law in plain torch, fp32 math, result in v's dtype: the non-causal form through the state S,
+    the causal one through the masked L x L scores (so neither shares the kernels' association)."""
+    if feature not in FEATURES:
+        raise LrccError(f"linear_attention_reference: unknown feature {feature!r}; known: {', '.join(FEATURES)}")
+    phi_q, phi_k, v32 = _phi(q, feature), _phi(k, feature), v.float()
+    if causal:
+        scores = torch.tril(phi_q @ phi_k.transpose(-1, -2))
+        out = (scores @ v32) / (scores.sum(-1, keepdim=True) + eps)
+    else:
+        s = phi_k.transpose(-1, -2) @ v32
+        z = phi_k.sum(-2)
+        out = (phi_q @ s) / ((phi_q @ z.unsqueeze(-1)) + eps)
+    return out.to(v.dtype)

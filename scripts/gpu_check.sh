@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: the kernel tests on the GPU, then the kernel benchmark, which
+# rewrites the GPU section of docs/benchmarks.md. Logs go to $OUT when it is set (else ./gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/lrcc-triton-cache}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+XDIST=""
+python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q $XDIST -p no:cacheprovider tests/test_triton_kernels.py \
+  tests/test_gpu_target.py tests/test_triton_attention.py tests/test_triton_sparse.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_section.md" "$@" 2>&1 | tee "$OUT/bench.log"
+cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null || true
