@@ -9,7 +9,9 @@ Llama-7B-like weights (in x out: 4096x4096, 4096x11008, 11008x4096) at M (tokens
   kernel vs dequantise-then-F.linear in torch;
 - int4 g128 + rank 32 (SVDQuant / LQ form): the fused kernel vs the quantised kernel alone and vs
   the quantised kernel plus an unfused torch low-rank branch;
-- where available, block-sparse + low-rank and linear attention kernels (see the table notes).
+- 5% block-sparse (16x16 blocks) + rank 64: lrcc's kernel vs the same form in torch with S dense;
+- a second table: linear attention (elu+1, non-causal and causal) vs softmax attention
+  (F.scaled_dot_product_attention) and vs the linear-attention torch reference.
 
 Times: for M > 128, medians of triton.testing.do_bench (L2 flushed before every call); for
 M <= 128, where a call is a few microseconds and the host's launch overhead would dominate, the
@@ -227,6 +229,56 @@ def quant_lowrank_row(table, shape, M, x, wq, vu, dense, t_quant) -> None:
               nbytes + 2 * M * (K + N), err, f"{t / t_quant:.2f}x the int4 kernel alone")
 
 
+def sparse_row(table, shape, M, x, b, dense, density: float = 0.05, rank: int = 64) -> None:
+    """Block-sparse (16x16 blocks, `density` of them kept) + rank-64 low-rank, vs the same form in
+    torch with S dense (the unfused sequence F.linear(x, S) + F.linear(F.linear(x, V), U))."""
+    from lrcc.codegen.triton import sparse
+    from lrcc.rewrites.sparse_low_rank import csr_parts
+    K, N = x.shape[1], b.shape[0]
+    gen = torch.Generator().manual_seed(1)
+    keep = torch.rand(N // 16, K // 16, generator=gen) < density
+    mask = keep.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    s_dense = torch.randn(N, K, generator=gen) * mask / K ** 0.5
+    v = torch.randn(rank, K, generator=gen) / K ** 0.5
+    u = torch.randn(N, rank, generator=gen) / rank ** 0.5
+    parts = {**csr_parts(s_dense, mask), "v": v.half(), "u": u.half(), "bias": b.float().cpu()}
+    w = sparse.prepare(parts, device=DEVICE)
+    s_h, v_h, u_h = s_dense.half().to(DEVICE), v.half().to(DEVICE), u.half().to(DEVICE)
+    ref = F.linear(x, s_h, b) + F.linear(F.linear(x, v_h), u_h)
+    err = rel(sparse.run(x, w), ref)
+    nbytes = w.blocks.numel() * 2 + 2 * rank * (K + N)
+    t = rotated(maker(w, lambda p: sparse.run(x, p)), nbytes, M)
+    t_unf = rotated(maker((s_h, v_h, u_h), lambda p: F.linear(x, p[0], b) + F.linear(F.linear(x, p[1]), p[2])),
+                    2 * N * K, M)
+    flop = 2 * M * (int(keep.sum()) * 256 + rank * (K + N))
+    table.add(shape, M, f"block-sparse {density:.0%} + r{rank}", t, dense, t_unf, flop, nbytes + 2 * M * (K + N), err,
+              "unfused = same form with S dense")
+
+
+def attention_table(bw: float, peak: float) -> str:
+    """Linear attention (elu+1) vs softmax attention (F.scaled_dot_product_attention) and vs the
+    linear-attention torch reference, fp16, D = 64."""
+    from lrcc.codegen.triton.attention import linear_attention, linear_attention_reference
+    lines = ["| B x H x L x D | causal | linear attention (us) | SDPA (us) | vs SDPA | vs torch reference | rel err |",
+             "|---|---|---|---|---|---|---|"]
+    for B, H, L in ((8, 16, 2048), (8, 16, 8192), (1, 32, 8192)):
+        for causal in (False, True):
+            try:
+                q, k, v = (torch.randn(B, H, L, 64, device=DEVICE).half() for _ in range(3))
+                out = linear_attention(q, k, v, causal=causal)
+                err = rel(out, linear_attention_reference(q, k, v, causal=causal, feature="elu1"))
+                t = bench(lambda: linear_attention(q, k, v, causal=causal))
+                t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                t_ref = bench(lambda: linear_attention_reference(q, k, v, causal=causal, feature="elu1"))
+                row = [f"{B}x{H}x{L}x64", str(causal), f"{t * 1e3:.1f}", f"{t_sdpa * 1e3:.1f}", f"{t_sdpa / t:.2f}x",
+                       f"{t_ref / t:.2f}x", f"{err:.1e}"]
+            except Exception as e:  # noqa: BLE001 - report and carry on
+                row = [f"{B}x{H}x{L}x64", str(causal), f"FAILED: {type(e).__name__}", "", "", "", ""]
+            lines.append("| " + " | ".join(row) + " |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def run(args) -> str:
     torch.manual_seed(0)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (Triton interpreter, smoke run)"
@@ -255,6 +307,7 @@ def run(args) -> str:
             for spec in quants:
                 guarded(table, shape, M, f"int{spec[0]} g{spec[1]}",
                         lambda spec=spec: times.__setitem__(spec, quant_row(table, shape, M, x, packed[spec], spec, dense)))
+            guarded(table, shape, M, "block-sparse + r64", lambda: sparse_row(table, shape, M, x, b, dense))
             if (4, 128) in times:
                 guarded(table, shape, M, "int4 g128 + r32", lambda: quant_lowrank_row(table, shape, M, x, packed[(4, 128)],
                                                                                        low[32], dense, times[(4, 128)]))
@@ -262,7 +315,10 @@ def run(args) -> str:
     header = (f"Device: **{name}**; measured peaks: copy {bw / 1e9:.0f} GB/s, fp16 cuBLAS {peak / 1e12:.0f} TFLOP/s. "
               f"torch {torch.__version__}, triton {__import__('triton').__version__}. 'vs cuBLAS' and 'vs unfused "
               "torch' are speed-ups (their time / lrcc's); 'of peak' fractions are of the measured peaks.\n\n")
-    return header + table.markdown()
+    attention = ""
+    if not args.no_attention:
+        attention = "\nLinear attention, fp16 (times by do_bench):\n\n" + attention_table(bw, peak)
+    return header + table.markdown() + attention
 
 
 def main() -> None:
@@ -272,6 +328,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="run on the CPU under TRITON_INTERPRET=1 (tiny "
                     "--shapes and --m): checks this script, times nothing meaningful; never writes the docs")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--no-attention", action="store_true", help="skip the linear-attention table")
     ap.add_argument("--out", type=Path, help="also write the section's markdown here")
     args = ap.parse_args()
     global DEVICE
