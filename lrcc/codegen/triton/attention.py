@@ -10,15 +10,14 @@ parameters are decided here, by :func:`attention_config`; the templates only car
 """
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 from typing import Any
 
 import torch
 
 from ...errors import LrccError
+from . import kernels
 from .configs import pow2
-from .render import load, render
 
 FEATURES = ("elu1", "identity")
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -96,10 +95,9 @@ def attention_config(shape: tuple[int, int, int, int, int], dtype: torch.dtype |
             "num_warps": num_warps, "num_stages": num_stages}
 
 
-@functools.cache
 def kernel_module(causal: bool) -> ModuleType:
-    """The rendered and loaded kernel module: causal_linear_attention or linear_attention."""
-    return load(render(template_name(causal)))
+    """The loaded kernel module: causal_linear_attention or linear_attention (cached by kernels.kernel)."""
+    return kernels.kernel(template_name(causal))
 
 
 def template_name(causal: bool) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from ...errors import LrccError
 from . import configs
 from .aot import AotJob, compile_many, parse_arch
 from .render import render
@@ -29,7 +30,7 @@ def launches(call: dict[str, Any], M: int, sms: int) -> list[tuple[str, dict, di
         return [("quant_matmul", call["flags"], {**cfg, "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]})]
     if call["template"] == "sparse_lowrank_linear":
         return [("sparse_lowrank_linear", call["flags"], call["config"](M, sms))]
-    raise ValueError(f"unknown kernel template {call['template']!r}")
+    raise LrccError(f"no kernel launch plan for template {call['template']!r}")
 
 
 def write_kernels(module: nn.Module, out: Path, arch: str, dtype: str = "fp16") -> dict[str, Any]:

@@ -152,6 +152,7 @@ def reference_weight(w: dict[str, Any]) -> torch.Tensor:
     codes = codes.reshape(-1, n).float()  # [K_pad, N]
     g = torch.arange(codes.shape[0], device=codes.device) // w["group"]
     wt = (codes - w["zero"].float()[g]) * w["scale"].float()[g]
+    wt = wt[:k]
     if w["in_scale"] is not None:
-        wt = wt[: k] / w["in_scale"].float()[:, None]
-    return wt[:k].t()
+        wt = wt / w["in_scale"].float()[:, None]
+    return wt.t()

@@ -59,12 +59,12 @@ class TritonQuantLinear(nn.Module):
         self.register_buffer("u", parts.get("u"))
         self.site = site
 
-    def packed(self, x: torch.Tensor) -> dict[str, Any]:
+    def packed(self) -> dict[str, Any]:
         return {"codes": self.codes, "scale": self.scale, "zero": self.zero, "in_scale": self.in_scale,
                 "bias": self.bias, **self.meta}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.quant_linear(x, self.packed(x), _cast(self.v, x), _cast(self.u, x), where=self.site)
+        return kernels.quant_linear(x, self.packed(), _cast(self.v, x), _cast(self.u, x), where=self.site)
 
     def kernel_calls(self) -> list[dict[str, Any]]:
         rank = 0 if self.v is None else self.v.shape[0]

@@ -9,7 +9,6 @@ to the number of non-empty blocks, which the rule's ``sparse_block`` option keep
 """
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +17,8 @@ import torch
 from torch import nn
 
 from ...errors import LrccError
+from . import kernels
 from .configs import PROGRAMS_PER_SM, pow2
-from .render import load, render
 
 MIN_BLOCK = 16           # smallest extent of a tensor-core product (tl.dot) along K and N
 DEFAULT_BLOCK = (16, 16)  # (block_k, block_n): the rule's sparse_block (16, 16) gives exactly these blocks
@@ -154,10 +153,9 @@ def sparse_config(M: int, N: int, K: int, R: int, block_k: int = DEFAULT_BLOCK[0
             "num_stages": 3}
 
 
-@functools.cache
 def _kernel():
-    """The rendered, loaded kernel module (rendered once per process: launches are on the hot path)."""
-    return load(render("sparse_lowrank_linear"))
+    """The loaded kernel module (kernels.kernel caches it: launches are on the hot path)."""
+    return kernels.kernel("sparse_lowrank_linear")
 
 
 def run(x: torch.Tensor, w: SparseLowRank, config: dict[str, Any] | None = None) -> torch.Tensor:
@@ -252,7 +250,6 @@ class TritonSparseLowRankLinear(nn.Module):
                              self.blocks, self.v, self.u, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from . import kernels
         if kernels.mode(x) == "reference":
             kernels.warn_reference("sparse + low-rank layers")
             return _reference_prepared(x, self.weight())
