@@ -40,13 +40,14 @@ class _Bound(nn.Module):
     recomputes any symbolic size the graph takes from those tensors' shapes."""
 
     def __init__(self, gm: torch.fx.GraphModule, params: dict[int, torch.Tensor], names: dict[int, str],
-                 sizes: dict[int, tuple[int, int]], n_args: int):
+                 sizes: dict[int, tuple[int, int]], n_args: int, consts: dict[int, torch.Tensor] | None = None):
         super().__init__()
+        consts = consts or {}
         self.gm = gm
         self._paths: dict[int, str] = {}
         user_of: dict[int, int] = {}
         for i in range(n_args):
-            if i not in params and i not in sizes:
+            if i not in params and i not in sizes and i not in consts:
                 user_of[i] = len(user_of)
         self._slots: list[tuple[str, object]] = []  # per graph argument: param i | user k | size (k, dim)
         for i in range(n_args):
@@ -59,6 +60,9 @@ class _Bound(nn.Module):
                 owner.register_parameter(parts[-1], nn.Parameter(params[i].detach(), requires_grad=False))
                 self._paths[i] = names[i]
                 self._slots.append(("param", i))
+            elif i in consts:
+                self.register_buffer(f"_const{i}", consts[i])
+                self._slots.append(("const", f"_const{i}"))
             elif i in sizes:
                 self._slots.append(("size", (user_of[sizes[i][0]], sizes[i][1])))
             else:
@@ -71,6 +75,8 @@ class _Bound(nn.Module):
                 args.append(self.get_parameter(self._paths[v]))
             elif kind == "user":
                 args.append(user[v])
+            elif kind == "const":
+                args.append(self.get_buffer(v))
             else:
                 args.append(user[v[0]].shape[v[1]])
         return self.gm(*args)
@@ -101,6 +107,44 @@ def _size_inputs(gm: torch.fx.GraphModule, example_inputs: list, param_pos: list
     return out
 
 
+_ATTR = re.compile(r"^[Ll]_(self|fn|model)_")
+
+
+def _scalar_attrs(placeholders: list[str], args: tuple, param_pos: list[int]) -> dict[int, float]:
+    """Module attributes dynamo lifts to 0-d tensor inputs under dynamic shapes (a layer norm's eps,
+    an embedding's norm_type): their values at the first real call."""
+    out = {}
+    for i, (name, a) in enumerate(zip(placeholders, args)):
+        if i in param_pos or not _ATTR.match(name) or not isinstance(a, torch.Tensor) or a.dim() != 0:
+            continue
+        if a.dtype.is_floating_point or a.dtype in (torch.int32, torch.int64):
+            out[i] = a.item()
+    return out
+
+
+def _fold_scalars(gm: torch.fx.GraphModule, scalars: dict[int, float]) -> torch.fx.GraphModule:
+    """A copy of gm with each scalar input's `.item()` replaced by its value, so torch.export sees
+    a constant (an `.item()` on an input is data-dependent to it)."""
+    gm = torch.fx.GraphModule(gm, copy_graph(gm.graph))
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, value in scalars.items():
+        for user in list(ph[i].users):
+            if user.op == "call_method" and user.target == "item":
+                for use in list(user.users):
+                    use.args = torch.fx.node.map_arg(use.args, lambda a: value if a is user else a)
+                    use.kwargs = torch.fx.node.map_arg(use.kwargs, lambda a: value if a is user else a)
+                gm.graph.erase_node(user)
+    gm.recompile()
+    return gm
+
+
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    new = torch.fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new
+
+
 def backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None):
     """The lrcc backend for torch.compile (registered as "lrcc" through an entry point)."""
     opts = dict(options or {})
@@ -118,11 +162,20 @@ def backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict[str, A
     state: dict[str, Any] = {}
 
     def run(*args):
-        user = tuple(a for i, a in enumerate(args) if i not in param_pos and i not in sizes)
         if "fn" not in state:
+            scalars = _scalar_attrs(placeholders, args, param_pos)
+            skip = set(param_pos) | set(sizes) | set(scalars)
+            user = tuple(a for i, a in enumerate(args) if i not in skip)
             try:
-                cm = _compile(gm, args, param_pos, sizes, placeholders, user, opts, dynamic)
-                state["fn"] = lambda *a: cm(*(x for i, x in enumerate(a) if i not in param_pos and i not in sizes))
+                cm = _compile(gm, args, param_pos, sizes, scalars, placeholders, user, opts, dynamic)
+
+                def fn(*a):
+                    if any(a[i].item() != v for i, v in scalars.items()):
+                        warnings.warn("lrcc backend: a module attribute folded into the compiled graph changed "
+                                      "value; this call runs uncompressed")
+                        return gm(*a)
+                    return cm(*(x for i, x in enumerate(a) if i not in skip))
+                state["fn"] = fn
             except LrccError as e:
                 warnings.warn(f"lrcc backend: {str(e).splitlines()[0]}; this graph runs uncompressed")
                 state["fn"] = gm
@@ -163,18 +216,21 @@ def _match_calibration(calibration: list, names: list[str], user: tuple, dynamic
     return picked if fits and picked else None
 
 
-def _compile(gm, args, param_pos, sizes, placeholders, user, opts, dynamic):
+def _compile(gm, args, param_pos, sizes, scalars, placeholders, user, opts, dynamic):
     import lrcc
     # a graph traced at static shapes compiles to a model for those shapes only: they are part of the key
     shapes = None if dynamic else tuple(tuple(u.shape) for u in user)
     key = (tuple((args[i].data_ptr(), tuple(args[i].shape)) for i in param_pos), str(opts.get("target", "cpu")),
-           str(opts.get("budget")), len(user), shapes)
+           str(opts.get("budget")), len(user), shapes, tuple(sorted(scalars.items())))
     if key in _CACHE:
         return _CACHE[key]
     names = {i: _param_path(placeholders[i]) for i in param_pos}
-    bound = _Bound(gm, {i: args[i] for i in param_pos}, names, sizes, len(args)).eval()
+    folded = _fold_scalars(gm, scalars) if scalars else gm
+    bound = _Bound(folded, {i: args[i] for i in param_pos}, names, sizes, len(args),
+                   {i: args[i].detach().clone() for i in scalars}).eval()
     given = opts.get("calibration")
-    user_names = [placeholders[i] for i in range(len(args)) if i not in param_pos and i not in sizes]
+    user_names = [placeholders[i] for i in range(len(args))
+                  if i not in param_pos and i not in sizes and i not in scalars]
     calibration = _match_calibration(given, user_names, user, dynamic) if given is not None else None
     if given is not None and calibration is None:
         warnings.warn("lrcc backend: the calibration data does not fit this graph's inputs (a fragment after a "

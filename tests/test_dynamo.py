@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -40,6 +41,41 @@ def test_same_result_as_lrcc_compile_and_no_recompile_on_same_shape() -> None:
         compiled(torch.randn(7, 64))  # same shape: no new compile
         compiled(torch.randn(11, 64))  # new shape: dynamo may retrace, lrcc does not re-plan
     assert len(lrcc.dynamo._CACHE) == 1
+
+
+class NormedLowRank(torch.nn.Module):
+    """NearlyLowRank behind a LayerNorm: under dynamic shapes dynamo lifts the norm's eps (a float
+    attribute) to a 0-d tensor input that the graph reads with .item()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(64, eps=1e-3)
+        self.body = NearlyLowRank(hidden=96, out=32)
+
+    def forward(self, x):
+        return self.body(self.norm(x))
+
+
+def test_module_float_attributes_under_dynamic_shapes_are_folded_not_a_fallback() -> None:
+    model = NormedLowRank().eval()
+    cal = nearly_low_rank_batches()
+    budget = lrcc.Budget(params=0.4)
+    direct = lrcc.compile(model, cal[0], budget=budget, calibration=cal)
+    compiled = torch.compile(model, backend="lrcc", dynamic=True, options={"budget": budget, "calibration": cal})
+    x = torch.randn(9, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback to the uncompressed graph would warn
+        with torch.no_grad():
+            y = compiled(x)
+    cm = next(iter(lrcc.dynamo._CACHE.values()))
+    assert [r["choice"] for r in cm.report.rows] == [r["choice"] for r in direct.report.rows]
+    torch.testing.assert_close(y, direct(x), rtol=1e-5, atol=1e-6)
+    model.norm.eps = 0.5  # a changed attribute is never silently ignored: dynamo retraces, lrcc re-plans
+    with torch.no_grad():
+        y_new = compiled(x)
+        direct_new = lrcc.compile(model, cal[0], budget=budget, calibration=cal)
+        torch.testing.assert_close(y_new, direct_new(x), rtol=1e-5, atol=1e-6)
+    assert len(lrcc.dynamo._CACHE) == 2
 
 
 def test_graph_break_still_gives_a_correct_model() -> None:

@@ -84,3 +84,25 @@ def test_transformers_bert_compiles_too(data):
     assert len(cm.report.rows) == 36
     q = output_error(model, cm, ev)
     assert q["cosine_mean"] >= 0.8, q
+
+
+def test_torch_compile_backend_matches_lrcc_compile_on_minilm(compiled, data):
+    """torch.compile(backend="lrcc") on the real model: the same plan quality as lrcc.compile at the
+    same budget and calibration, and new batch shapes do not re-plan."""
+    import warnings
+
+    import lrcc.dynamo
+    cal, ev = data
+    model = minilm.load_encoder("plain")  # its own weights: the backend's cache is keyed by them
+    torch._dynamo.reset()
+    lrcc.dynamo._CACHE.clear()
+    fast = torch.compile(model, backend="lrcc", dynamic=True,
+                         options={"budget": "params=0.5",
+                                  "calibration": [{"input_ids": i, "attention_mask": m} for i, m in cal]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to the uncompressed graph
+        q_fast = output_error(model, fast, ev)
+    q_direct = output_error(model, compiled, ev)
+    assert len(lrcc.dynamo._CACHE) == 1  # every evaluation batch shape ran on one plan
+    assert abs(q_fast["cosine_mean"] - q_direct["cosine_mean"]) < 1e-3, (q_fast, q_direct)
+    torch._dynamo.reset()
