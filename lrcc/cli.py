@@ -1,7 +1,7 @@
 """The `lrcc` command: compile, report, targets.
 
-    lrcc compile MODULE:ATTR --calibration FILE [--target T] [--budget SPEC] -o OUT
-    lrcc report OUT [--json]
+    lrcc compile MODULE:ATTR --calibration FILE [--target T] [--budget SPEC] -o OUT [--no-html]
+    lrcc report OUT [--json] [--no-html]
     lrcc targets [--json]
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming what and where; --debug adds the
@@ -47,13 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", metavar="SPEC", default=None,
                    help="e.g. params=0.5, bytes=0.125,max_error=0.02; default max_error=0.01")
     c.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory")
-    c.add_argument("--quiet", action="store_true", help="no progress lines and no report on stdout")
+    c.add_argument("--format", choices=("lrcc", "onnx"), default="lrcc",
+                   help="onnx: also write OUT/model.onnx, the compressed model for onnxruntime")
+    c.add_argument("--quiet", action="store_true", help="no progress (bars or lines) and no report on stdout")
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    c.add_argument("--html", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write OUT/report.html and OUT/pareto.png (default: yes)")
     c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    r = sub.add_parser("report", help="print the report of a compiled model directory")
+    r = sub.add_parser("report", help="print the report of a compiled model directory and write OUT/report.html")
     r.add_argument("out", metavar="OUT")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--html", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write OUT/report.html and OUT/pareto.png (default: yes)")
     r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     t = sub.add_parser("targets", help="list the targets lrcc knows")
@@ -65,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load_model(spec: str):
     from .errors import LrccError
     if spec.endswith(".onnx"):
-        raise LrccError(f"{spec}: ONNX import is not implemented yet; give module:attribute naming a torch model")
+        return spec  # lrcc.compile imports ONNX files itself
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise LrccError(f"MODEL {spec!r}: expected module:attribute, e.g. lrcc.zoo.minilm:load_encoder")
@@ -106,18 +112,38 @@ def _load_calibration(path: str) -> list[tuple]:
     return [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
 
 
+def _write_html(report, out) -> Path:
+    from .errors import LrccError
+    from .report_html import write_html
+    try:
+        return write_html(report, out)
+    except OSError as e:
+        raise LrccError(f"{out}: cannot write report.html ({e.strerror or e}); use --no-html to skip it") from None
+
+
 def _compile(args) -> int:
     import lrcc
+    from .compiler import Progress
     model = _load_model(args.model)
     batches = _load_calibration(args.calibration)
-    cm = lrcc.compile(model, batches[0], target=args.target, budget=args.budget, calibration=batches,
-                      progress=not args.quiet)
-    out = cm.save(args.out)
+    progress = None if args.quiet else Progress()
+    try:
+        cm = lrcc.compile(model, batches[0], target=args.target, budget=args.budget, calibration=batches,
+                          progress=progress if progress is not None else False)
+    finally:
+        if progress is not None:
+            progress.close()  # an error message must not land on a half-drawn bar
+    out = cm.save(args.out, format=args.format)
+    html = _write_html(cm.report, out) if args.html else None
     if args.json:
         print(cm.report.to_json())
+        if html is not None and not args.quiet:
+            print(f"html report: {html}", file=sys.stderr)
     elif not args.quiet:
         print(cm.report)
         print(f"saved to {out}")
+        if html is not None:
+            print(f"html report: {html}")
     return EXIT_OK
 
 
@@ -129,9 +155,12 @@ def _report(args) -> int:
         raise LrccError(f"{args.out}: no report.json; is it a directory written by `lrcc compile`?")
     try:
         report = Report.from_json(path.read_text())
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise LrccError(f"{path}: not a readable lrcc report ({type(e).__name__}: {e})") from None
     print(report.to_json() if args.json else report)
+    if args.html:
+        html = _write_html(report, args.out)
+        print(f"html report: {html}", file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
 
 

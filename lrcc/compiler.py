@@ -53,15 +53,19 @@ class CompiledModel(torch.nn.Module):
     def save(self, path: str | os.PathLike, arch: str | None = None, format: str | None = None) -> Path:
         """Write the plan (IR + report), the compressed weights (safetensors) and the IR as text;
         with arch (GPU targets, e.g. "sm_80", "sm_90") also kernels/: each Triton kernel's source and
-        its PTX for that arch, and a manifest of which site launches what."""
+        its PTX for that arch, and a manifest of which site launches what; with format="onnx" also
+        model.onnx, the compressed model as ONNX for onnxruntime (lrcc.codegen.onnx_export)."""
         if arch is not None and self.target.kind != "gpu":
             raise LrccError(f"save(arch={arch!r}): the model was compiled for {self.target.name!r}, which has no "
                             "GPU kernels; compile with target='a100' or 'h100'")
         if arch is not None:
             from .codegen.triton.aot import parse_arch
             parse_arch(arch)  # an unknown arch fails before anything is written
-        if format not in (None, "lrcc"):
-            raise LrccError(f"save(format={format!r}): only the lrcc format is implemented yet")
+        formats = (None, "lrcc", "onnx")
+        if format not in formats:
+            raise LrccError(f"save(format={format!r}): unknown format; use one of "
+                            f"{', '.join(repr(f) for f in formats)} (None and 'lrcc' write the plan, weights and "
+                            "code; 'onnx' writes them and model.onnx, a compressed ONNX model onnxruntime runs)")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self.graph.tensors.items()}
@@ -75,6 +79,9 @@ class CompiledModel(torch.nn.Module):
         if arch is not None:
             from .codegen.triton.export import write_kernels
             write_kernels(self.module, out, arch)
+        if format == "onnx":
+            from .codegen.onnx_export import export_onnx
+            export_onnx(self.graph, out / "model.onnx")
         return out
 
 
@@ -98,18 +105,55 @@ def load(path: str | os.PathLike) -> CompiledModel:
     return CompiledModel(g, report, get_target(plan["target"]), plan["budget"], plan.get("backend", "eager"))
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    start = time.perf_counter()
-    last = {"t": -1.0}
+class Progress:
+    """Compile progress on stderr: a tqdm bar per stage when stderr is a terminal, else at most one
+    log line a second. Called with a message; stage(name, total) opens a bar that each later message
+    (one per unit of work: batch, site) advances, until total is reached."""
 
-    def say(msg: str) -> None:
-        now = time.perf_counter() - start
-        if now - last["t"] >= 1.0 or msg.endswith("done"):
-            last["t"] = now
-            print(f"[lrcc {now:6.1f}s] {msg}", file=sys.stderr, flush=True)
-    return say
+    def __init__(self, bars: bool | None = None, stream=None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.bars = bool(self.stream.isatty()) if bars is None else bars
+        self._bar = None
+        self._start = time.perf_counter()
+        self._last = -1.0
+
+    def stage(self, name: str, total: int, unit: str = "it") -> None:
+        """Start a stage of `total` units (bars only; log lines come from the messages)."""
+        self.close()
+        if self.bars and total > 0:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, desc=name, unit=unit, file=self.stream, leave=True, dynamic_ncols=True)
+
+    def advance(self, n: int = 1, what: str = "") -> None:
+        """Move the open bar on by n units; closes it when complete."""
+        if self._bar is None:
+            return
+        self._bar.update(n)
+        if what:
+            self._bar.set_postfix_str(what, refresh=False)
+        if self._bar.n >= self._bar.total:
+            self.close()
+
+    def __call__(self, msg: str) -> None:
+        if self._bar is not None:
+            self.advance(1, msg.split(": ", 1)[-1])
+            return
+        now = time.perf_counter() - self._start
+        if now - self._last >= 1.0 or msg.endswith("done"):
+            self._last = now
+            print(f"[lrcc {now:6.1f}s] {msg}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Close the open bar, if any (before printing anything else on the stream)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _progress(enabled: "bool | Progress") -> Progress | None:
+    if isinstance(enabled, Progress):
+        return enabled
+    return Progress() if enabled else None
 
 
 def _split(batches: list[tuple], holdout: float) -> tuple[list[tuple], list[tuple], str]:
@@ -123,9 +167,9 @@ def _split(batches: list[tuple], holdout: float) -> tuple[list[tuple], list[tupl
     return fit, held, f"{len(held)} held-out calibration batch(es) (every {stride}th)"
 
 
-def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target = "cpu",
+def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple | None = None, target: str | Target = "cpu",
             budget: Budget | float | str | None = None, calibration: Iterable[tuple] | None = None, *,
-            options: dict[str, Any] | None = None, progress: bool = False) -> CompiledModel:
+            options: dict[str, Any] | None = None, progress: "bool | Progress" = False) -> CompiledModel:
     """Compress `model` for `target` within `budget`; returns a CompiledModel.
 
     calibration: an iterable of input tuples shaped like example_inputs (batch and sequence length
@@ -134,6 +178,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
     rules, quant_bits, sparse_block; GPU targets default quant_bits to the widths their kernels
     unpack and sparse_block to (16, 16)) and backend: "eager" (default: the lowered graph runs op by op) or "inductor" (the
     lowered graph is compiled by torch.compile's inductor on its first call; CPU targets).
+    progress: True (or a Progress) reports progress on stderr, as bars when it is a terminal.
     """
     t_start = time.perf_counter()
     options = dict(options or {})
@@ -143,7 +188,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
         bud = Budget(sram=tgt.sram_bytes, flash=tgt.flash_bytes, max_error=0.01) if tgt.kind == "mcu" else Budget(max_error=0.01)
     say = _progress(progress)
     if isinstance(model, (str, os.PathLike)):
-        raise LrccError(f"{model}: ONNX import is not implemented yet; pass a torch.nn.Module")
+        # an ONNX file: imported as an equivalent torch module, then through the same pipeline
+        from .ir.from_onnx import onnx_to_module
+        model, onnx_examples = onnx_to_module(model)
+        if example_inputs is None:
+            example_inputs = onnx_examples
+    if example_inputs is None:
+        raise LrccError("compile: example_inputs is required for a torch model (a tuple of input tensors)")
     torch.manual_seed(int(options.get("seed", 0)))
     notes: list[str] = []
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -200,7 +251,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple, target: str | Target 
     timings["total"] = time.perf_counter() - t_start
     report = Report(rows, totals, tgt.name, str(bud), notes, measured, timings,
                     [{"site": s, "rule": r, "reason": why} for s, r, why in m.rejected]
-                    + [{"site": s, "rule": "planner", "reason": why} for s, why in result.dropped])
+                    + [{"site": s, "rule": "planner", "reason": why} for s, why in result.dropped],
+                    candidates=result.candidates)
     if bud.max_error is not None and measured["rel_error"] > bud.max_error:
         if options.get("strict", True):
             raise LrccError(f"the compiled model's output error {measured['rel_error']:.3e} on {held_what} exceeds "

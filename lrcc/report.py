@@ -22,17 +22,28 @@ class Report:
     verification: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    # every option the planner priced, one dict per (site, option): site, rule, choice, params, bytes,
+    # est_latency_s, error (predicted), chosen; the kept dense form is rule "-", choice "dense"
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    # MCU targets: the static arena's buffers, one dict each: name, offset, bytes, and optionally
+    # first/last (the steps it is live in); empty where the backend records none
+    arena: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps({"target": self.target, "budget": self.budget, "rows": self.rows, "totals": self.totals,
+        head = json.dumps({"target": self.target, "budget": self.budget, "rows": self.rows, "totals": self.totals,
                            "verification": self.verification, "notes": self.notes, "timings": self.timings,
-                           "rejected": self.rejected}, indent=2)  # key order kept: str() prints timings in order
+                           "rejected": self.rejected, "arena": self.arena},
+                          indent=2)  # key order kept: str() prints timings in order
+        # candidates last, one per line: thousands of them on a large model
+        cands = ",\n".join("    " + json.dumps(c) for c in self.candidates)
+        return head[:-2] + ',\n  "candidates": ' + (f"[\n{cands}\n  ]" if cands else "[]") + "\n}"
 
     @classmethod
     def from_json(cls, text: str) -> "Report":
+        """A Report from to_json()'s text; keys added since (candidates, arena) default to empty."""
         d = json.loads(text)
         return cls(d["rows"], d["totals"], d["target"], d["budget"], d.get("notes", []), d.get("verification", {}),
-                   d.get("timings", {}), d.get("rejected", []))
+                   d.get("timings", {}), d.get("rejected", []), d.get("candidates", []), d.get("arena", []))
 
     def __str__(self) -> str:
         head = ["site", "choice", "params", "after", "est. latency", "error"]

@@ -34,6 +34,22 @@ def test_compile_then_report(calibration, tmp_path, capsys, monkeypatch) -> None
     assert "TOTAL" in capsys.readouterr().out
 
 
+def test_compile_writes_the_html_report_and_logs_progress(calibration, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path.parent)
+    out = tmp_path / "out"
+    argv = ["compile", "tests.cli_models:factory", "--calibration", str(calibration), "--budget", "params=0.5"]
+    assert main(argv + ["-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert (out / "report.html").is_file() and (out / "pareto.png").is_file()
+    assert f"html report: {out / 'report.html'}" in captured.out
+    # stderr is not a terminal here: one-line progress messages, no bars
+    assert "[lrcc" in captured.err and "verification done" in captured.err and "%|" not in captured.err
+    assert main(argv + ["-o", str(tmp_path / "quiet"), "--quiet", "--no-html"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert not (tmp_path / "quiet" / "report.html").exists()
+
+
 def test_targets(capsys) -> None:
     assert main(["targets", "--json"]) == 0
     names = {t["name"] for t in json.loads(capsys.readouterr().out)}
@@ -48,7 +64,7 @@ def test_targets(capsys) -> None:
     (["compile", "tests.cli_models:not_a_model", "-o", "X"], "not a torch.nn.Module"),
     (["compile", "nosuchmodule:factory", "-o", "X"], "cannot import module 'nosuchmodule'"),
     (["compile", "factory", "-o", "X"], "expected module:attribute"),
-    (["compile", "model.onnx", "-o", "X"], "ONNX import is not implemented"),
+    (["compile", "model.onnx", "-o", "X"], "model.onnx: no such file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, calibration, capsys, tmp_path) -> None:
     argv = [a.replace("X", str(tmp_path / "o")) for a in argv] + ["--calibration", str(calibration)]

@@ -50,6 +50,7 @@ class PlanResult:
     caps: dict[str, float] = field(default_factory=dict)
     predicted_error: float = 0.0
     dropped: list[tuple[str, str]] = field(default_factory=list)  # sites left alone: (site, reason)
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every priced option (see candidate_record)
 
 
 def example_dims(g: Graph, example_inputs: tuple) -> dict[str, int]:
@@ -85,6 +86,7 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     stat_batches = fit_batches
     if options.get("sequential", True):
         stat_batches = take_samples(fit_batches, int(options.get("stats_samples", 512)))
+    _stage(progress, "input statistics", len(stat_batches), "batch")
     stats = calibrate.collect_input_stats(original, stat_batches, sites, progress)
     timings["input statistics"] = time.perf_counter() - t0
     for site in sites:
@@ -112,6 +114,7 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     sites = [s for s in sites if s in candidates]
 
     t1 = time.perf_counter()
+    _stage(progress, "candidates", len(candidates), "site")
     families: dict[str, tuple[str, Any]] = {}
     for site, cands in candidates.items():
         for c in cands:
@@ -124,6 +127,7 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
             progress(f"candidates: {site} ({len(cands)})")
     timings["candidates"] = time.perf_counter() - t1
     t2 = time.perf_counter()
+    _stage(progress, "output sensitivity", len(sens_batches), "batch")
     sens = calibrate.collect_sensitivity(original, sens_batches, families, probes=int(options.get("probes", 3)),
                                          seed=int(options.get("seed", 0)), progress=progress)
     errors = {fam: sens.truncation_errors(fam) for fam in families}
@@ -187,7 +191,29 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
                      f"{max_error:.2e}: re-planned with a tighter cap")
         error_cap *= 0.8 * max_error / measured
         t3 = time.perf_counter()
-    return PlanResult(new, decisions, timings, notes, caps, predicted, dropped)
+    return PlanResult(new, decisions, timings, notes, caps, predicted, dropped, candidate_record(table, choice))
+
+
+def candidate_record(table: dict[str, list[Option]], choice: dict[str, int]) -> list[dict[str, Any]]:
+    """Every option the planner priced, one dict per (site, option), for the report's Pareto plot:
+    site, rule, choice, params, bytes, est_latency_s, error (predicted) and whether it was chosen."""
+    record = []
+    for site, opts in table.items():
+        for j, o in enumerate(opts):
+            c: Candidate | None = o.payload
+            record.append({"site": site, "rule": c.rule if c else "-", "choice": c.choice if c else "dense",
+                           "params": int(o.costs["params"]), "bytes": int(o.costs["bytes"]),
+                           "est_latency_s": float(o.costs["latency"]), "error": float(o.error),
+                           "chosen": j == choice.get(site)})
+    return record
+
+
+def _stage(progress, name: str, total: int, unit: str) -> None:
+    """Open a progress stage where the callback supports them (lrcc.compiler.Progress); the callback's
+    messages in the stage then advance it by one each."""
+    stage = getattr(progress, "stage", None)
+    if stage is not None:
+        stage(name, total, unit)
 
 
 def _apply(g, sites, table, choice, families, node_of, original, sens, fit_batches, options, timings, progress):
@@ -237,6 +263,7 @@ def _apply(g, sites, table, choice, families, node_of, original, sens, fit_batch
     if fits:
         t4 = time.perf_counter()
         compressed = lower_to_torch(new)
+        _stage(progress, "sequential refit", len(fits), "site")
         refit = sequential_refit(original, compressed, fit_batches, fits, progress=progress)
         for site, parts in refit.items():
             for role, t in parts.items():
