@@ -34,6 +34,21 @@ def test_compile_then_report(calibration, tmp_path, capsys, monkeypatch) -> None
     assert "TOTAL" in capsys.readouterr().out
 
 
+def test_compile_format_onnx_writes_a_model_onnxruntime_runs(calibration, tmp_path, monkeypatch) -> None:
+    import onnxruntime as ort
+
+    import lrcc
+    monkeypatch.chdir(tmp_path.parent)
+    out = tmp_path / "out"
+    assert main(["compile", "tests.cli_models:factory", "--calibration", str(calibration), "--budget", "bytes=0.2",
+                 "--format", "onnx", "-o", str(out), "--quiet", "--no-html"]) == 0
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 32)
+    y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert (torch.from_numpy(y) - lrcc.load(out)(x)).abs().max().item() < 1e-4
+
+
 def test_compile_writes_the_html_report_and_logs_progress(calibration, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path.parent)
     out = tmp_path / "out"
