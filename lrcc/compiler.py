@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 class CompiledModel(torch.nn.Module):
     """A compiled model: runs like the original; carries .report, .graph and .save()."""
 
-    def __init__(self, graph: Graph, report: Report, target: Target, budget: str, backend: str = "eager") -> None:
+    def __init__(self, graph: Graph, report: Report, target: Target, budget: str, backend: str = "eager",
+                 program=None) -> None:
         super().__init__()
         if backend not in ("eager", "inductor"):
             raise LrccError(f"unknown CPU backend {backend!r}; use 'eager' or 'inductor'")
@@ -40,6 +41,14 @@ class CompiledModel(torch.nn.Module):
         self.target = target
         self.budget = budget
         self.backend = backend
+        self.program = program  # MCU targets: the int8 Program (lrcc.codegen.c) the C computes
+        if target.kind == "mcu":
+            if program is None:
+                raise LrccError(f"a model for {target.name} needs its int8 program")
+            from .codegen.c.execute import ProgramModule
+            self.module = ProgramModule(program, program.tensors[program.output].shape)
+            self._run = self.module
+            return
         # GPU targets: compressed sites call their Triton kernels (lrcc.codegen.triton)
         self.module: Lowered = lower_to_torch(graph, gpu=target.kind == "gpu")
         # "inductor": the lowered graph goes through torch.compile's inductor, which fuses the
@@ -79,6 +88,9 @@ class CompiledModel(torch.nn.Module):
         if arch is not None:
             from .codegen.triton.export import write_kernels
             write_kernels(self.module, out, arch)
+        if self.program is not None:
+            from .codegen.c.mcu import save_c
+            save_c(self.program, out, self.report)
         if format == "onnx":
             from .codegen.onnx_export import export_onnx
             export_onnx(self.graph, out / "model.onnx")
@@ -102,7 +114,12 @@ def load(path: str | os.PathLike) -> CompiledModel:
     verify(g)
     report_file = p / "report.json"
     report = Report.from_json(report_file.read_text()) if report_file.is_file() else Report([], {}, plan["target"], plan["budget"])
-    return CompiledModel(g, report, get_target(plan["target"]), plan["budget"], plan.get("backend", "eager"))
+    tgt = get_target(plan["target"])
+    program = None
+    if tgt.kind == "mcu":
+        from .codegen.c.mcu import load_program
+        program = load_program(p)
+    return CompiledModel(g, report, tgt, plan["budget"], plan.get("backend", "eager"), program=program)
 
 
 class Progress:
@@ -198,7 +215,14 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     torch.manual_seed(int(options.get("seed", 0)))
     notes: list[str] = []
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    g, export_notes = import_module(model, example_inputs)
+    mcu = tgt.kind == "mcu"
+    if mcu:
+        # the C program runs batch 1; trace with two copies of the example so the batch dim stays
+        # symbolic and calibration can run in batches
+        example_inputs = _batch_one(example_inputs)
+        g, export_notes = import_module(model, tuple(torch.cat([x, x]) for x in example_inputs))
+    else:
+        g, export_notes = import_module(model, example_inputs)
     notes += export_notes
     _check_weights(g)
     if say:
@@ -221,6 +245,18 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
         # sparse parts in whole 16x16 blocks: the block-sparse kernel's tiles (entry-wise 5% sparsity
         # leaves nearly every block non-empty, so the kernel would do dense work)
         options.setdefault("sparse_block", (16, 16))
+    if mcu:
+        from .codegen.c.lower import unsupported_ops
+        from .codegen.c.mcu import flash_of_site, fixed_flash
+        from .rewrites import factorize_linear
+        bad = unsupported_ops(g)
+        if bad:
+            lines = "\n".join(f"  {node}: {op}" for node, op in bad)
+            raise LrccError(f"target {tgt.name}: {len(bad)} operator(s) cannot be emitted as C:\n{lines}")
+        options.setdefault("rules", [factorize_linear])  # low-rank ranks are the MCU knobs
+        options["lowrank_fp16"] = False
+        options.setdefault("flash_of", flash_of_site)
+        options.setdefault("flash_fixed", fixed_flash(g))
     m = match(g, list(options.get("rules", DEFAULT_RULES)), options)
     dims = example_dims(g, example_inputs)
     reference = lower_to_torch(g)
@@ -229,7 +265,15 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     notes += result.notes
     new = result.graph
 
-    compiled = lower_to_torch(new)
+    program = c_model = None
+    if mcu:
+        from .codegen.c.mcu import build_program
+        program, c_model, mcu_totals, mcu_notes, arena = build_program(new, fit, dims, tgt, bud, say)
+        notes += mcu_notes
+        from .codegen.c.execute import ProgramModule
+        compiled = ProgramModule(program, program.tensors[program.output].shape)
+    else:
+        compiled = lower_to_torch(new)
     measured = output_error(reference, compiled, held)
     measured["data"] = held_what
     if say:
@@ -247,18 +291,30 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     totals["model_latency_before_s"] = graph_latency(g, tgt, dims)
     totals["model_latency_after_s"] = graph_latency(new, tgt, dims)
     totals["measured_error"] = measured["rel_error"]
+    if mcu:
+        totals.update(mcu_totals)
     timings = dict(result.timings)
     timings["total"] = time.perf_counter() - t_start
     report = Report(rows, totals, tgt.name, str(bud), notes, measured, timings,
                     [{"site": s, "rule": r, "reason": why} for s, r, why in m.rejected]
                     + [{"site": s, "rule": "planner", "reason": why} for s, why in result.dropped],
-                    candidates=result.candidates)
+                    candidates=result.candidates, arena=arena if mcu else [])
     if bud.max_error is not None and measured["rel_error"] > bud.max_error:
         if options.get("strict", True):
             raise LrccError(f"the compiled model's output error {measured['rel_error']:.3e} on {held_what} exceeds "
                             f"max_error={bud.max_error}; loosen the budget or give more calibration data\n{report}")
         report.notes.append(f"FLAGGED: measured error {measured['rel_error']:.3e} exceeds max_error={bud.max_error}")
-    return CompiledModel(new, report, tgt, str(bud), str(options.get("backend", "eager")))
+    return CompiledModel(new, report, tgt, str(bud), str(options.get("backend", "eager")), program=program)
+
+
+def _batch_one(example_inputs: tuple) -> tuple:
+    """The example inputs at batch 1 (MCU targets run one sample per call)."""
+    out = []
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise LrccError(f"example_inputs[{i}]: MCU targets take tensors with a leading batch dim")
+        out.append(x[:1])
+    return tuple(out)
 
 
 def _check_weights(g: Graph) -> None:

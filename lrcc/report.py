@@ -65,6 +65,10 @@ class Report:
         lines.append(fmt(body[-1]))
         lines.append(f"model latency (roofline, {self.target}): {t['model_latency_before_s'] * 1e3:.3f} ms -> "
                      f"{t['model_latency_after_s'] * 1e3:.3f} ms")
+        if "arena_bytes" in t:
+            lines.append(f"int8 C: arena {_fmt_int(t['arena_bytes'])} B (greedy-by-size {_fmt_int(t['arena_bytes_greedy'])} B, "
+                         f"no reuse {_fmt_int(t['arena_bytes_naive'])} B) + stack ~{_fmt_int(t['stack_bytes_estimate'])} B; "
+                         f"flash ~{_fmt_int(t['flash_bytes'])} B ({_fmt_int(t['const_bytes'])} B of constants)")
         v = self.verification
         if v:
             lines.append(f"measured output error on {v['data']}: relative squared error {v['rel_error']:.3e}, "

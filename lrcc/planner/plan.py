@@ -96,15 +96,22 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
                          "activation-aware fits may over-fit: give more calibration data")
 
     # Costs are known before any factorisation: drop candidates that save nothing the budget asks for.
-    resources = [r for r in ("params", "bytes", "latency") if getattr(budget, r) is not None] or ["params"]
+    # flash (MCU targets): int8 bytes of a site as the C backend stores it; options["flash_of"](m, n_or_shapes)
+    # prices a site, options["flash_fixed"] is everything else in flash (code, other weights)
+    flash_of = options.get("flash_of")
+    if budget.flash is not None and flash_of is None:
+        raise LrccError("a flash budget needs an MCU target (e.g. target='stm32f746')")
+    resources = [r for r in ("params", "bytes", "latency", "flash") if getattr(budget, r) is not None] or ["params"]
     candidates: dict[str, list[Candidate]] = {}
     dropped: list[tuple[str, str]] = []
     for site, cands in match.candidates.items():
         n = node_of[site]
-        keep_cost = {"params": g.param_count(n), "bytes": _site_bytes(g, n), "latency": op_cost(g, n).latency(target, dims)}
+        keep_cost = {"params": g.param_count(n), "bytes": _site_bytes(g, n), "latency": op_cost(g, n).latency(target, dims),
+                     "flash": flash_of(_site_shapes(g, n)) if flash_of else 0}
         useful = []
         for c in cands:
-            cost = {"params": c.params, "bytes": c.bytes, "latency": _cand_latency(g, n, c, target, dims)}
+            cost = {"params": c.params, "bytes": c.bytes, "latency": _cand_latency(g, n, c, target, dims),
+                    "flash": flash_of(c.weight_shapes) if flash_of else 0}
             if any(cost[r] < keep_cost[r] for r in resources):
                 useful.append(c)
         if useful:
@@ -135,7 +142,7 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
 
     # options per site: keep, or one of the candidates
     table: dict[str, list[Option]] = {}
-    total_params = total_bytes = 0
+    total_params = total_bytes = total_flash = 0
     for site in sites:
         n = node_of[site]
         p0 = g.param_count(n)
@@ -143,11 +150,14 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
         lat0 = op_cost(g, n).latency(target, dims)
         total_params += p0
         total_bytes += b0
-        opts = [Option(0.0, {"params": p0, "bytes": b0, "latency": lat0}, None)]
+        f0 = flash_of(_site_shapes(g, n)) if flash_of else 0
+        total_flash += f0
+        opts = [Option(0.0, {"params": p0, "bytes": b0, "latency": lat0, "flash": f0}, None)]
         for c in candidates[site]:
             err = float(errors[c.family][c.index])
             opts.append(Option(err, {"params": c.params, "bytes": c.bytes,
-                                     "latency": _cand_latency(g, n, c, target, dims)}, c))
+                                     "latency": _cand_latency(g, n, c, target, dims),
+                                     "flash": flash_of(c.weight_shapes) if flash_of else 0}, c))
         table[site] = opts
     model_latency = graph_latency(g, target, dims)
     fixed_latency = model_latency - sum(o[0].costs["latency"] for o in table.values())
@@ -159,10 +169,18 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
         caps["bytes"] = budget.bytes * total_bytes
     if budget.latency is not None:
         caps["latency"] = budget.latency * model_latency
-    totals = {"params": total_params, "bytes": total_bytes, "latency": model_latency}
-    fixed = {"latency": fixed_latency}
+    flash_fixed = float(options.get("flash_fixed", 0.0))
+    if budget.flash is not None:
+        caps["flash"] = float(budget.flash)
+    totals = {"params": total_params, "bytes": total_bytes, "latency": model_latency, "flash": total_flash + flash_fixed}
+    fixed = {"latency": fixed_latency, "flash": flash_fixed}
     for res, cap in caps.items():
         least = minimum_reachable(table, res, fixed.get(res, 0.0))
+        if least > cap and res == "flash":
+            raise BudgetError(f"budget flash={int(cap):,} bytes cannot be met on target {target.name}: the smallest "
+                              f"reachable flash is {int(least):,} bytes (weights at the lowest ranks offered plus "
+                              f"{int(flash_fixed):,} bytes of code and other constants); the model as given needs "
+                              f"{int(totals['flash']):,}")
         if least > cap:
             raise BudgetError(f"budget {res}={cap / totals[res]:.4g} cannot be met on target {target.name}: "
                               f"the smallest reachable is {res}={least / totals[res]:.4g} of the original "
@@ -305,6 +323,14 @@ def _refit_fn(c: Candidate, fam, metric, ridge: float, site: str):
             return {"v": v.half(), "u": u.half()}
         return low
     raise LrccError(f"layer {site}: unknown refit kind {c.refit!r}")
+
+
+def _site_shapes(g: Graph, n) -> list[tuple[int, int]]:
+    """The weight matrices (m, n) a site multiplies by, as it stands."""
+    ts = [g.tensor(i) for i in n.inputs[1:]]
+    if n.op == "lowrank_linear":
+        return [tuple(ts[0].shape), tuple(ts[1].shape)]
+    return [tuple(ts[0].shape)]
 
 
 def _site_bytes(g: Graph, n) -> int:

@@ -18,6 +18,9 @@ class Target:
     op_overhead_s: float     # fixed cost per operator launch (dispatch / kernel launch)
     sram_bytes: int | None = None
     flash_bytes: int | None = None
+    cycles_per_mac: float | None = None  # MCUs: core cycles per int8 multiply-accumulate of lrcc's C kernels
+    clock_hz: float | None = None        # MCUs: core clock
+    board: str | None = None             # MCUs: the board description lrcc.codegen.c.toolchain builds for
 
     def roofline_s(self, flops: float, nbytes: float) -> float:
         """Latency of one operator by the roofline model, plus its launch overhead."""
@@ -32,6 +35,15 @@ _TARGETS = {
     "cpu": Target("cpu", "cpu", "x86-64 CPU, 2 cores, AVX-512 fp32 (roofline)", 384e9, 20e9, 3e-6),
     "a100": Target("a100", "gpu", "NVIDIA A100 SXM 80GB, fp16 tensor cores", 312e12, 2.039e12, 4e-6),
     "h100": Target("h100", "gpu", "NVIDIA H100 SXM, fp16 tensor cores", 989e12, 3.35e12, 4e-6),
+    # MCUs: STM32F746 (Cortex-M7 at 216 MHz, 320 KB SRAM, 1 MB flash) and STM32F411 (Cortex-M4 at
+    # 100 MHz, 128 KB SRAM, 512 KB flash). lrcc's kernels are portable C (no SIMD intrinsics): an
+    # int8 MAC costs about 2 cycles on the dual-issue M7 and 3 on the M4 (load, load, multiply-add);
+    # peak_flops = 2 * clock / cycles_per_mac. Bandwidth: one 32-bit word per cycle from flash
+    # through the ART accelerator.
+    "stm32f746": Target("stm32f746", "mcu", "STM32F746 Cortex-M7 216 MHz, 320 KB SRAM, 1 MB flash (int8 C)",
+                        2 * 216e6 / 2.0, 4 * 216e6, 2e-7, 320 * 1024, 1024 * 1024, 2.0, 216e6, "stm32f746"),
+    "stm32f411": Target("stm32f411", "mcu", "STM32F411 Cortex-M4 100 MHz, 128 KB SRAM, 512 KB flash (int8 C)",
+                        2 * 100e6 / 3.0, 4 * 100e6, 4e-7, 128 * 1024, 512 * 1024, 3.0, 100e6, "stm32f411"),
 }
 
 

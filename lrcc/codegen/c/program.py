@@ -21,34 +21,57 @@ ReLU: act_min = y_zp), else to [-128, 127].
                x_zp, i.e. real 0), groups. Optional ``pool`` = 2: a 2x2 stride-2 max pool fused after
                the activation (y is the pooled shape; pooling max commutes with the monotonic
                requantisation, so this equals the unfused ops exactly).
+               Attrs weight, bias, mult, shift, c, h, w, m, kh, kw, stride, pad, groups, oh, ow (the
+               conv's size before the pool: oh = floor((h + top + bottom - kh) / sh) + 1), pool (0 or
+               2; pooled size floor(oh / 2) x floor(ow / 2), like torch), x_zp, y_zp, act_min, act_max.
+               acc is int32: the build clips bias[o] to +-(2^31 - 1 - taps * max|x - x_zp| * max|w[o]|)
+               (taps = C/groups*KH*KW) and refuses convs whose taps alone could overflow.
 - ``maxpool2d`` x (C, H, W) -> y (C, OH, OW): kernel [kh, kw], stride [sh, sw], pad
-               [top, left, bottom, right] (padding never wins the max); same qparams in and out.
+               [top, left, bottom, right] (padding never wins the max; a window wholly in the padding
+               gives -128); same qparams in and out. Attrs c, h, w, kernel, stride, pad, oh, ow (floor,
+               like torch), x_zp = y_zp.
 - ``mean``     x viewed as (outer, count, inner) -> y (outer, inner): attrs outer, count, inner,
                mult, shift (scalars; real = x_scale / (y_scale * count)).
-               y = clamp(y_zp + requantize(sum_k (x - x_zp), mult, shift)).
+               y = clamp(y_zp + requantize(sum_k (x - x_zp), mult, shift)); attrs also x_zp, y_zp.
+               The sum is int32 (the build checks count * max|x - x_zp| fits).
 - ``add``      a, b (same number of elements; b may be a const tensor) -> y.
-               y = clamp(y_zp + rshift_round((a - a_zp) * mult_a + (b - b_zp) * mult_b, shift)).
+               y = clamp(y_zp + rshift_round((a - a_zp) * mult_a + (b - b_zp) * mult_b, shift)) (int64);
+               attrs n, a_zp, b_zp, y_zp, mult_a, mult_b, shift (scalars: fixedpoint.shared_shift of
+               a_scale / y_scale and b_scale / y_scale), act_min, act_max (fused ReLU).
 - ``relu``     y = max(x, x_zp); y has x's qparams (the lowering fuses it into producers it can).
-- ``lut``      y = table[x + 128]; table int8 (256). GELU and other elementwise functions.
-- ``requant``  y = clamp(y_zp + requantize(x - x_zp, mult, shift)) (scalars).
-- ``layernorm`` x (rows, n) -> y (rows, n) over the last dim:
+               Attrs n (element count), x_zp = y_zp.
+- ``lut``      y = table[x + 128]; table int8 (256), n (element count). GELU and other elementwise
+               functions: table[q + 128] = quantize(f(dequantize(q))), exactly rounded.
+- ``requant``  y = clamp(y_zp + requantize(x - x_zp, mult, shift)) (scalars); attrs n, x_zp, y_zp,
+               mult, shift (~ x_scale / y_scale), act_min, act_max.
+- ``layernorm`` x (rows, n) -> y (rows, n) over the last dim (attrs rows, n, x_zp, y_zp, eps_q, sqrt_shift):
                d_i = x_i - x_zp; s = sum d_i; ss = sum d_i^2 (int64);
-               den = isqrt64(n*ss - s*s + eps_q)  (eps_q int64 >= 1 ~ eps * n^2 / x_scale^2);
-               t_i = round_div((n*d_i - s) * gamma_q[i], den)   (gamma_q int32 ~ gamma_i / y_scale * 2^16);
-               y_i = clamp(y_zp + rshift_round(t_i + beta_q[i], 16))   (beta_q int32 ~ beta_i / y_scale * 2^16).
-- ``softmax``  x (rows, n) over the last dim, y scale 1/256 zero point -128:
-               e_i = exp_table[max_j x_j - x_i] (exp_table int32 (256) ~ 2^16 exp(-d x_scale));
-               y_i = min(127, round_div(e_i * 256, sum_j e_j) - 128).
+               den = isqrt64(((n*ss - s*s) << 2*sqrt_shift) + eps_q)
+                   (n*ss - s*s = n^2 var; sqrt_shift k in [0, 12]: den carries k fractional bits;
+                    eps_q int64 >= 1 ~ eps * n^2 * 4^k / x_scale^2);
+               t_i = round_div((n*d_i - s) * gamma_q[i], den)   (gamma_q int32 ~ gamma_i / y_scale * 2^(16+k));
+               y_i = sat8(y_zp + rshift_round(t_i + beta_q[i], 16))   (beta_q int32 ~ beta_i / y_scale * 2^16).
+               k is the largest (<= 12) keeping gamma_q in int32 and the shifted variance below 2^62.
+- ``softmax``  x (rows, n) over the last dim, y scale 1/256 zero point -128 (attrs rows, n, x_zp, y_zp = -128):
+               e_i = exp_table[max_j x_j - x_i] (exp_table int32 (256) = round(2^16 exp(-d x_scale)));
+               y_i = min(127, round_div(e_i * 256, sum_j e_j) - 128)   (sum in int64).
 - ``attention`` q (Nq, H*D), k (Nk, H*D), v (Nk, H*D) -> y (Nq, H*D), head h in columns
-               [h*D, (h+1)*D), computed head by head, one query row at a time:
-               raw_j = sum_c (q - q_zp)(k_j - k_zp); dist_j = min(255, requantize(max_j raw - raw_j,
-               score_mult, score_shift)) (score_mult/shift ~ q_scale k_scale softmax_scale * 16);
-               e_j = exp_table[dist_j] (int32 (256) ~ 2^16 exp(-d / 16)); s = sum_j e_j;
-               o_c = round_div((sum_j e_j (v_jc - v_zp)) * 256, s);
-               y_c = clamp(y_zp + requantize(o_c, out_mult, out_shift)) (~ v_scale / (256 y_scale)).
-               Scratch: Nk int32 per call. Optional ``causal`` = 1: query i sees keys j <= i.
-- ``permute``  x of shape ``in_shape`` (up to 4 dims) -> y = x.permute(perm), contiguous copy;
-               same qparams.
+               [h*D, (h+1)*D), computed head by head, one query row at a time (attrs heads, nq, nk, d,
+               q_zp, k_zp, v_zp, y_zp, score_mult, score_shift, out_mult, out_shift, causal):
+               raw_j = sum_c (q_c - q_zp)(k_jc - k_zp) (int32) over the visible keys j;
+               dist_j = min(4095, requantize(max_j raw - raw_j, score_mult, score_shift))
+                   (score_mult/shift ~ q_scale k_scale softmax_scale * 256: dist in 1/256 nats);
+               e_j = rshift_round(exp_hi[dist_j >> 6] * exp_lo[dist_j & 63], 16)
+                   (exp_hi int32 (64) = round(2^16 exp(-h / 4)), exp_lo int32 (64) = round(2^16 exp(-l / 256)));
+               s = sum_j e_j (int64); o_c = round_div((sum_j e_j (v_jc - v_zp)) * 256, s) (int64);
+               y_c = sat8(y_zp + requantize(o_c, out_mult, out_shift)) (~ v_scale / (256 y_scale)).
+               softmax_scale defaults to 1/sqrt(D). Scratch: Nk int32 per call (op.scratch_bytes =
+               4 Nk, 4-byte aligned). ``causal`` = 1: query i sees keys j <= i (torch's is_causal,
+               top-left aligned).
+- ``permute``  x of shape ``in_shape`` -> y = x.permute(perm), contiguous copy; same qparams; attrs
+               in_shape, perm. The copy runs as at most 4 loops after dropping dims of size 1 and
+               merging dims adjacent in both x and y (any permutation of up to 4 dims; more where they
+               merge).
 
 Reshapes of contiguous tensors are not ops: the lowering aliases their buffers.
 """
