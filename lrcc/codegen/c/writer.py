@@ -32,6 +32,11 @@ def steps_of(prog: Program) -> tuple[list[memory.Step], dict[str, int], set[str]
     for i, op in enumerate(prog.ops):
         reads = tuple(dict.fromkeys(prog.storage(n) for n in op.inputs if prog.tensors[n].const is None))
         inplace = reads if op.kind in INPLACE_KINDS else ()
+        if op.kind == "attention":
+            # y (row i, head h) is written after q (row i, head h) was last read and nothing else
+            # reads that q slice: y may take q's storage unless k or v share it
+            q, k, v = (prog.storage(n) for n in op.inputs)
+            inplace = (q,) if q not in (k, v) and prog.tensors[op.inputs[0]].const is None else ()
         steps.append(memory.Step(f"{i}:{op.name}", reads, prog.storage(op.output), int(op.scratch_bytes), inplace))
     external = {prog.storage(prog.input), prog.storage(prog.output)}
     return steps, sizes, external
