@@ -26,6 +26,38 @@ from .targets import Target, get_target
 from .targets.cost import graph_latency
 
 FORMAT_VERSION = 1
+TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage: the one saved file that differs between runs
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with the header's metadata in sorted order: safetensors keeps it in
+    a hash map whose order changes from run to run, and the file should not."""
+    import struct
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # the same keys reordered: the same length; pad as safetensors does
+            f.seek(8)
+            f.write(text.ljust(n, b" "))
+            return
+        rest = f.read()
+    text = text.ljust(-(-len(text) // 8) * 8, b" ")  # the tensor data starts 8-byte aligned
+    path.write_bytes(struct.pack("<Q", len(text)) + text + rest)
+
+
+def read_timings(path: str | os.PathLike) -> dict[str, float]:
+    """The timings a saved model directory holds (timings.json), or {} where it has none."""
+    f = Path(path) / TIMINGS_FILE
+    if not f.is_file():
+        return {}
+    try:
+        timings = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return {}  # timings are informational; a damaged file does not stop a load
+    return {str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))} if isinstance(timings, dict) else {}
 
 
 class CompiledModel(torch.nn.Module):
@@ -78,12 +110,14 @@ class CompiledModel(torch.nn.Module):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self.graph.tensors.items()}
-        save_file(tensors, str(out / "weights.safetensors"), metadata={"format": "lrcc", "version": str(FORMAT_VERSION)})
+        save_weights(tensors, out / "weights.safetensors", {"format": "lrcc", "version": str(FORMAT_VERSION)})
         plan = {"format": "lrcc", "version": FORMAT_VERSION, "target": self.target.name, "budget": self.budget,
                 "backend": self.backend, "graph": graph_to_json(self.graph)}
         (out / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True))
-        (out / "report.json").write_text(self.report.to_json())
-        (out / "report.txt").write_text(str(self.report) + "\n")
+        # everything but the wall-clock timings is reproducible byte for byte; they go apart
+        (out / "report.json").write_text(self.report.to_json(timings=False))
+        (out / "report.txt").write_text(self.report.text(timings=False) + "\n")
+        (out / TIMINGS_FILE).write_text(json.dumps(self.report.timings, indent=2) + "\n")
         (out / "graph.txt").write_text(print_graph(self.graph))
         if arch is not None:
             from .codegen.triton.export import write_kernels
@@ -114,6 +148,7 @@ def load(path: str | os.PathLike) -> CompiledModel:
     verify(g)
     report_file = p / "report.json"
     report = Report.from_json(report_file.read_text()) if report_file.is_file() else Report([], {}, plan["target"], plan["budget"])
+    report.timings = read_timings(p) or report.timings
     tgt = get_target(plan["target"])
     program = None
     if tgt.kind == "mcu":
@@ -220,7 +255,16 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
         # the C program runs batch 1; trace with two copies of the example so the batch dim stays
         # symbolic and calibration can run in batches
         example_inputs = _batch_one(example_inputs)
-        g, export_notes = import_module(model, tuple(torch.cat([x, x]) for x in example_inputs))
+        try:
+            g, export_notes = import_module(model, tuple(torch.cat([x, x]) for x in example_inputs))
+        except LrccError:
+            # a model written for batch 1 only (e.g. view(1, ...)): trace it at batch 1 and calibrate
+            # one sample at a time
+            g, export_notes = import_module(model, example_inputs)
+            if calibration is not None:
+                calibration = [tuple(t[i:i + 1] for t in b) for b in check_batches(list(calibration), len(example_inputs))
+                               for i in range(len(b[0]))]
+            export_notes.append("the model traces at batch 1 only: calibrated one sample at a time")
     else:
         g, export_notes = import_module(model, example_inputs)
     notes += export_notes

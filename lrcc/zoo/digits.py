@@ -173,12 +173,12 @@ def trained(name: str, seed: int = 0, epochs: int | None = None) -> tuple[nn.Mod
     """A freshly trained "mlp", "cnn" or "vit" with its data and held-out float accuracy."""
     torch.manual_seed(seed)
     if name == "mlp":
-        model, data, ep = MLP(), load_digits("flat", seed=seed), 30
+        model, data, ep, lr = MLP(), load_digits("flat", seed=seed), 30, 3e-3
     elif name == "cnn":
-        model, data, ep = CNN(), load_digits("image", seed=seed), 12
+        model, data, ep, lr = CNN(), load_digits("image", seed=seed), 12, 1e-2
     elif name == "vit":
-        model, data, ep = ViT(), load_digits("rgb", seed=seed), 30
+        model, data, ep, lr = ViT(), load_digits("rgb", seed=seed), 30, 3e-3
     else:
         raise ValueError(f"unknown digits model {name!r}; use 'mlp', 'cnn' or 'vit'")
-    acc = train(model, data, epochs=epochs or ep, seed=seed)
+    acc = train(model, data, epochs=epochs or ep, lr=lr, seed=seed)
     return model, data, acc

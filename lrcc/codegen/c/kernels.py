@@ -132,7 +132,12 @@ class Linear:
         wq = np.clip(np.round(w / w_scale[:, None]), -qmax - (1 if bits == 4 else 0), qmax).astype(np.int8)
         (xs, xz), (ys, yz) = x_q, y_q
         b = np.zeros(m) if bias is None else np.asarray(bias, dtype=np.float64)
-        bias_q = np.clip(np.round(b / (xs * w_scale)), -2**31, 2**31 - 1).astype(np.int32)
+        # the int32 accumulator holds bias + n products of at most 255 * max|w|: clip the bias so no
+        # input can overflow it (only absurd biases are affected)
+        headroom = 2**31 - 1 - n * 255 * np.abs(wq.astype(np.int64)).max(axis=1)
+        if (headroom <= 0).any():
+            raise LrccError(f"layer {name}: {n} inputs could overflow the int32 accumulator")
+        bias_q = np.clip(np.round(b / (xs * w_scale)), -headroom, headroom).astype(np.int32)
         mult, shift = fx.quantize_multipliers(xs * w_scale / ys, f"layer {name}: requantisation")
         stored = wq
         if bits == 4:
