@@ -36,14 +36,15 @@ _TARGETS = {
     "a100": Target("a100", "gpu", "NVIDIA A100 SXM 80GB, fp16 tensor cores", 312e12, 2.039e12, 4e-6),
     "h100": Target("h100", "gpu", "NVIDIA H100 SXM, fp16 tensor cores", 989e12, 3.35e12, 4e-6),
     # MCUs: STM32F746 (Cortex-M7 at 216 MHz, 320 KB SRAM, 1 MB flash) and STM32F411 (Cortex-M4 at
-    # 100 MHz, 128 KB SRAM, 512 KB flash). lrcc's kernels are portable C (no SIMD intrinsics): an
-    # int8 MAC costs about 2 cycles on the dual-issue M7 and 3 on the M4 (load, load, multiply-add);
-    # peak_flops = 2 * clock / cycles_per_mac. Bandwidth: one 32-bit word per cycle from flash
-    # through the ART accelerator.
+    # 100 MHz, 128 KB SRAM, 512 KB flash). lrcc's kernels are portable C (no SIMD intrinsics yet):
+    # the digits MLP executes 633,344 instructions per inference for its 50,560 MACs under QEMU
+    # (benchmarks/mcu.py), 12.5 per MAC; we price a MAC at 12 cycles on the dual-issue M7 and 13 on
+    # the M4. peak_flops = 2 * clock / cycles_per_mac. Bandwidth: one 32-bit word per cycle from
+    # flash through the ART accelerator.
     "stm32f746": Target("stm32f746", "mcu", "STM32F746 Cortex-M7 216 MHz, 320 KB SRAM, 1 MB flash (int8 C)",
-                        2 * 216e6 / 2.0, 4 * 216e6, 2e-7, 320 * 1024, 1024 * 1024, 2.0, 216e6, "stm32f746"),
+                        2 * 216e6 / 12.0, 4 * 216e6, 2e-7, 320 * 1024, 1024 * 1024, 12.0, 216e6, "stm32f746"),
     "stm32f411": Target("stm32f411", "mcu", "STM32F411 Cortex-M4 100 MHz, 128 KB SRAM, 512 KB flash (int8 C)",
-                        2 * 100e6 / 3.0, 4 * 100e6, 4e-7, 128 * 1024, 512 * 1024, 3.0, 100e6, "stm32f411"),
+                        2 * 100e6 / 13.0, 4 * 100e6, 4e-7, 128 * 1024, 512 * 1024, 13.0, 100e6, "stm32f411"),
 }
 
 
