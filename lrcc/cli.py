@@ -123,12 +123,15 @@ def _write_html(report, out) -> Path:
 
 def _compile(args) -> int:
     import lrcc
+    from .budget import Budget
     from .compiler import Progress
+    # the budget first: a typo in it is reported before any model is imported or loaded
+    budget = Budget.parse(args.budget) if args.budget is not None else None
     model = _load_model(args.model)
     batches = _load_calibration(args.calibration)
     progress = None if args.quiet else Progress()
     try:
-        cm = lrcc.compile(model, batches[0], target=args.target, budget=args.budget, calibration=batches,
+        cm = lrcc.compile(model, batches[0], target=args.target, budget=budget, calibration=batches,
                           progress=progress if progress is not None else False)
     finally:
         if progress is not None:
@@ -157,6 +160,8 @@ def _report(args) -> int:
         report = Report.from_json(path.read_text())
     except (ValueError, KeyError, TypeError) as e:
         raise LrccError(f"{path}: not a readable lrcc report ({type(e).__name__}: {e})") from None
+    from .compiler import read_timings
+    report.timings = read_timings(args.out) or report.timings  # saved apart: report.json is reproducible
     print(report.to_json() if args.json else report)
     if args.html:
         html = _write_html(report, args.out)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .budget import Budget
 from .codegen.torch_module import Lowered, lower_to_torch
-from .errors import LrccError
+from .errors import CalibrationError, LrccError
 from .ir.from_torch import import_module
 from .ir.graph import Graph, print_graph, verify
 from .ir.serialize import graph_from_json, graph_to_json
@@ -239,7 +239,8 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     if bud is None:
         bud = Budget(sram=tgt.sram_bytes, flash=tgt.flash_bytes, max_error=0.01) if tgt.kind == "mcu" else Budget(max_error=0.01)
     say = _progress(progress)
-    if isinstance(model, (str, os.PathLike)):
+    onnx = isinstance(model, (str, os.PathLike))
+    if onnx:
         # an ONNX file: imported as an equivalent torch module, then through the same pipeline
         from .ir.from_onnx import onnx_to_module
         model, onnx_examples = onnx_to_module(model)
@@ -250,6 +251,11 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     torch.manual_seed(int(options.get("seed", 0)))
     notes: list[str] = []
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not isinstance(model, torch.nn.Module):
+        raise LrccError(f"compile: expected a torch.nn.Module or a path to an .onnx file, got {type(model).__name__}")
+    if not onnx:
+        _check_model(model)
+    _check_inputs(model, example_inputs, onnx)
     mcu = tgt.kind == "mcu"
     if mcu:
         # the C program runs batch 1; trace with two copies of the example so the batch dim stays
@@ -268,16 +274,17 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     else:
         g, export_notes = import_module(model, example_inputs)
     notes += export_notes
-    _check_weights(g)
+    _check_weights(g, onnx)
     if say:
         say(f"imported: {len(g.nodes)} nodes, {len(g.sites())} linear sites, dims {sorted(g.symbols)}")
 
     n_inputs = g.meta["num_inputs"]
     if calibration is None:
-        batches = [tuple(example_inputs)]
+        batches = check_batches([tuple(example_inputs)], n_inputs, what="example_inputs (the only calibration data)")
         notes.append("no calibration data given: calibrated and verified on example_inputs alone")
     else:
         batches = check_batches(list(calibration), n_inputs)
+        _check_calibration(g, batches, example_inputs)
     fit, held, held_what = _split(batches, float(options.get("holdout", 0.125)))
     sens = take_samples(fit, int(options.get("sensitivity_samples", 256)))
 
@@ -292,12 +299,16 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     if mcu:
         from .codegen.c.lower import unsupported_ops
         from .codegen.c.mcu import flash_of_site, fixed_flash
-        from .rewrites import factorize_linear
+        from .rewrites import factorize_linear, quantize_linear
+        from .rewrites.quantize import QuantSpec
         bad = unsupported_ops(g)
         if bad:
             lines = "\n".join(f"  {node}: {op}" for node, op in bad)
             raise LrccError(f"target {tgt.name}: {len(bad)} operator(s) cannot be emitted as C:\n{lines}")
-        options.setdefault("rules", [factorize_linear])  # low-rank ranks are the MCU knobs
+        # the MCU knobs: low-rank ranks, and int4 weights per channel (the layout the C kernels run)
+        options.setdefault("rules", [factorize_linear, quantize_linear])
+        options.setdefault("quant_specs", (QuantSpec(4, 0),))
+        options.setdefault("quant_methods", ("gptq",))
         options["lowrank_fp16"] = False
         options.setdefault("flash_of", flash_of_site)
         options.setdefault("flash_fixed", fixed_flash(g))
@@ -361,9 +372,109 @@ def _batch_one(example_inputs: tuple) -> tuple:
     return tuple(out)
 
 
-def _check_weights(g: Graph) -> None:
+_FLOAT32 = ("lrcc compiles float32 models: convert with model.float() and pass float32 example_inputs and "
+            "calibration (lrcc picks lower precisions for the compressed weights itself)")
+
+
+def _layer_of(ref: str) -> str:
+    """The module a parameter belongs to, from its state-dict name ('blocks.0.q.weight' -> 'blocks.0.q')."""
+    return ref.rsplit(".", 1)[0] if "." in ref else "<the model itself>"
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    """Before import: the model's parameters are float32 (fp16 / bf16 / fp64 models are rejected)."""
+    for name, p in model.named_parameters():
+        if p.dtype.is_floating_point and p.dtype != torch.float32:
+            raise LrccError(f"weight {name!r} (layer {_layer_of(name)!r}) is {p.dtype}; {_FLOAT32}")
+
+
+def _check_inputs(model: torch.nn.Module, example_inputs: tuple, onnx: bool) -> None:
+    """Before import: example_inputs are tensors, as many as forward takes, non-empty, float32."""
+    if not example_inputs:
+        raise LrccError("compile: example_inputs is empty; pass a tuple with one tensor per argument of the "
+                        "model's forward")
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise LrccError(f"compile: example_inputs[{i}] is a {type(x).__name__}, not a tensor; example_inputs "
+                            "must be a tuple of tensors, one per argument of the model's forward")
+    _check_arity(model, len(example_inputs))
+    for i, x in enumerate(example_inputs):
+        if x.numel() == 0:
+            raise LrccError(f"compile: example_inputs[{i}] has shape {tuple(x.shape)}, with a zero-size dim; lrcc "
+                            "traces and calibrates on real data: give at least one sample and one element in every dim")
+        if not onnx and x.dtype.is_floating_point and x.dtype != torch.float32:
+            raise LrccError(f"compile: example_inputs[{i}] is {x.dtype}; {_FLOAT32}")
+        if x.is_complex():
+            raise LrccError(f"compile: example_inputs[{i}] is {x.dtype}; lrcc takes real (float32 or integer) inputs")
+
+
+def _check_arity(model: torch.nn.Module, n: int) -> None:
+    import inspect
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    if len(required) <= n <= len(positional):
+        return
+    names = ", ".join(p.name for p in positional) or "nothing"
+    takes = (f"{len(required)} to {len(positional)}" if len(required) != len(positional) else f"{len(positional)}")
+    raise LrccError(f"compile: example_inputs has {n} tensor(s) but {type(model).__name__}.forward takes {takes} "
+                    f"({names}); pass a tuple with one tensor per argument of forward")
+
+
+def _check_calibration(g: Graph, batches: list[tuple], example_inputs: tuple, what: str = "calibration") -> None:
+    """Calibration batches match the traced inputs: dtype, rank, static dims, dynamic dims' ranges, non-empty."""
+    nodes = g.inputs()
+    for b, batch in enumerate(batches):
+        for i, (x, node, ex) in enumerate(zip(batch, nodes, example_inputs)):
+            where = f"{what} batch {b} input {i} ({node.name!r})"
+            if x.dtype != ex.dtype and (x.dtype.is_floating_point or ex.dtype.is_floating_point):
+                raise CalibrationError(f"{where} is {x.dtype} but example_inputs[{i}] is {ex.dtype}; give "
+                                       f"calibration tensors of the example's dtype")
+            shape = node.shape or ()
+            if x.dim() != len(shape):
+                raise CalibrationError(f"{where} has shape {tuple(x.shape)} ({x.dim()} dims) but the model was traced "
+                                       f"with {len(shape)} dims (example shape {tuple(ex.shape)})")
+            if x.numel() == 0:
+                raise CalibrationError(f"{where} has shape {tuple(x.shape)}, with a zero-size dim; drop empty batches")
+            for d, (want, got) in enumerate(zip(shape, x.shape)):
+                if getattr(want, "is_Integer", False) and int(want) != int(got):
+                    raise CalibrationError(f"{where} has shape {tuple(x.shape)}: dim {d} is {int(got)} but the model "
+                                           f"was traced with it fixed at {int(want)} (the model does not allow it to vary)")
+                if getattr(want, "is_Symbol", False) and str(want) in g.symbols:
+                    lo, hi = g.symbols[str(want)]
+                    lo = min(lo, 1)  # export reports dynamic dims from 2 up (its 0/1 specialisation); 1 runs
+                    if not lo <= int(got) <= hi:
+                        raise CalibrationError(f"{where} has shape {tuple(x.shape)}: dim {d} ({want}) is {int(got)}, "
+                                               f"outside the range {lo}..{hi} the model allows")
+
+
+def _check_weights(g: Graph, onnx: bool = False) -> None:
+    """After import: every weight the graph uses is finite and non-empty; linear weights are float32."""
+    users = g.users()
+    site_params = {}
     for n in g.nodes:
-        if n.op == "param":
-            t = g.tensors[n.attrs["ref"]]
-            if t.dtype.is_floating_point and not torch.isfinite(t).all():
-                raise LrccError(f"weight {n.attrs['ref']!r} contains NaN or Inf; fix the model's weights before compiling")
+        if n.op == "linear":
+            for i in n.inputs[1:]:
+                site_params[i] = n.attrs["site"]
+    for n in g.nodes:
+        if n.op != "param" or not users.get(n.name):
+            continue
+        ref = n.attrs["ref"]
+        t = g.tensors[ref]
+        layer = site_params.get(n.name, _layer_of(ref))
+        if t.numel() == 0:
+            raise LrccError(f"weight {ref!r} of layer {layer!r} has shape {tuple(t.shape)}, zero elements: lrcc cannot "
+                            "compile a zero-size layer; remove it from the model or give it at least one input and "
+                            "one output feature")
+        if t.dtype.is_floating_point and not torch.isfinite(t).all():
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            first = tuple(int(k) for k in (~torch.isfinite(t)).nonzero()[0])
+            raise LrccError(f"weight {ref!r} of layer {layer!r} contains {nan} NaN and {inf} Inf value(s), the first at "
+                            f"index {first}; fix the model's weights (retrain or reload the checkpoint) before compiling")
+        if not onnx and n.name in site_params and t.dtype != torch.float32:
+            raise LrccError(f"weight {ref!r} of layer {layer!r} is {t.dtype}; {_FLOAT32}")

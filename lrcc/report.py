@@ -29,11 +29,16 @@ class Report:
     # first/last (the steps it is live in); empty where the backend records none
     arena: list[dict[str, Any]] = field(default_factory=list)
 
-    def to_json(self) -> str:
-        head = json.dumps({"target": self.target, "budget": self.budget, "rows": self.rows, "totals": self.totals,
-                           "verification": self.verification, "notes": self.notes, "timings": self.timings,
-                           "rejected": self.rejected, "arena": self.arena},
-                          indent=2)  # key order kept: str() prints timings in order
+    def to_json(self, timings: bool = True) -> str:
+        """The report as JSON; timings=False leaves out the wall-clock timings, the one part that
+        differs between two runs of the same compile (CompiledModel.save writes them apart, in
+        timings.json, so that report.json is reproducible byte for byte)."""
+        d = {"target": self.target, "budget": self.budget, "rows": self.rows, "totals": self.totals,
+             "verification": self.verification, "notes": self.notes, "timings": self.timings,
+             "rejected": self.rejected, "arena": self.arena}
+        if not timings:
+            del d["timings"]
+        head = json.dumps(d, indent=2)  # key order kept: str() prints timings in order
         # candidates last, one per line: thousands of them on a large model
         cands = ",\n".join("    " + json.dumps(c) for c in self.candidates)
         return head[:-2] + ',\n  "candidates": ' + (f"[\n{cands}\n  ]" if cands else "[]") + "\n}"
@@ -46,6 +51,10 @@ class Report:
                    d.get("timings", {}), d.get("rejected", []), d.get("candidates", []), d.get("arena", []))
 
     def __str__(self) -> str:
+        return self.text()
+
+    def text(self, timings: bool = True) -> str:
+        """The readable table str() gives; timings=False leaves out the wall-clock time line."""
         head = ["site", "choice", "params", "after", "est. latency", "error"]
         body = []
         for r in self.rows:
@@ -79,6 +88,6 @@ class Report:
             lines.append(f"{len(self.rejected)} site(s) declined by rule guards:")
             lines += [f"  {r['site']}: {r['rule']}: {r['reason']}" for r in self.rejected]
         lines += [f"note: {n}" for n in self.notes]
-        if self.timings:
+        if timings and self.timings:
             lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         return "\n".join(lines)

@@ -191,3 +191,19 @@ def test_reference_executor_rejects_wrong_input():
     with pytest.raises(lrcc.LrccError, match="expected input of shape"):
         cm(torch.rand(2, 65))
     assert math.isfinite(float(cm(torch.rand(2, 64)).sum()))
+
+
+def test_tight_flash_budget_picks_int4_weights_that_run_exactly(compiled, tmp_path):
+    """Below what low rank alone reaches well, the planner takes per-channel int4 (GPTQ) weights;
+    the C runs their codes and zero points as stored, so C, QEMU and cm agree bit for bit."""
+    model, data, float_acc, _ = compiled["mlp"]
+    calib = [(data.x_train[i:i + 64],) for i in range(0, len(data.y_train), 64)]
+    cm = lrcc.compile(model, (data.x_train[:1],), target="stm32f746", budget="flash=40KB", calibration=calib)
+    assert cm.report.totals["flash_bytes"] <= 40 * 1024
+    assert any("int4" in r["choice"] for r in cm.report.rows)
+    assert any(op.kind == "linear" and "zero" in op.attrs for op in cm.program.ops)
+    with torch.no_grad():
+        acc = float((cm(data.x_test).argmax(-1) == data.y_test).float().mean())
+    assert acc >= float_acc - 0.02
+    chk = check_c(cm.program, cm.module.quantize_input(data.x_test[:8]), board="stm32f746", workdir=tmp_path)
+    assert chk.host_equal and chk.qemu_equal

@@ -178,12 +178,11 @@ class OnnxNode:
         return self.attrs.get(name, default)
 
 
-def _attr_value(a) -> Any:
+def _attr_value(a, where: str = "<model>") -> Any:
     import onnx
-    from onnx import numpy_helper
     v = onnx.helper.get_attribute_value(a)
     if a.type == onnx.AttributeProto.TENSOR:
-        return numpy_helper.to_array(v)
+        return _initializer_array(v, f"{where}: attribute {a.name!r}")
     if a.type == onnx.AttributeProto.STRING:
         return v.decode("utf-8", "replace")
     if a.type == onnx.AttributeProto.STRINGS:
@@ -221,7 +220,13 @@ def _static_impl(*names: str):
     return register
 
 
-def _axis(axis: int, rank: int) -> int:
+def _axis(axis: int, rank: int, inclusive: bool = False) -> int:
+    """A possibly negative axis of a rank-`rank` tensor as 0..rank-1 (0..rank where the operator
+    allows the end, as Flatten does); one out of range is the model's error."""
+    top = rank + 1 if inclusive else rank
+    if isinstance(axis, int) and not -rank <= axis < top:
+        raise LrccError(f"axis {axis} is out of range for a tensor of rank {rank} "
+                        f"(expected {-rank} <= axis {'<=' if inclusive else '<'} {rank})")
     return axis + rank if axis < 0 else axis
 
 
@@ -420,7 +425,15 @@ def _gemm(n, xs, m):
         if c is None:
             return y
     c = tensor(c)
+    if not _values_unknown_now() and not _broadcasts_to(tuple(c.shape), tuple(y.shape)):
+        raise LrccError(f"node {n.label}: Gemm's C of shape {list(c.shape)} does not broadcast to the "
+                        f"product's shape {list(y.shape)}")
     return y + (c * beta if beta != 1.0 else c)
+
+
+def _broadcasts_to(small: tuple, big: tuple) -> bool:
+    """Whether `small` broadcasts to `big` one way (ONNX's unidirectional broadcasting)."""
+    return len(small) <= len(big) and all(a == 1 or a == b for a, b in zip(reversed(small), reversed(big)))
 
 
 @_op("Einsum")
@@ -620,7 +633,13 @@ def _batch_norm(n, xs, m):
     if n.attr("training_mode", 0) or (len(n.outputs) > 1 and any(n.outputs[1:])):
         raise LrccError(f"node {n.label}: BatchNormalization in training mode is not supported")
     x, scale, bias, mean, var = (tensor(v) for v in xs[:5])
-    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, float(n.attr("epsilon", 1e-5)))
+    eps = float(n.attr("epsilon", 1e-5))
+    if eps >= 0:
+        return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
+    # F.batch_norm refuses a negative epsilon; ONNX computes with it (NaN where var + eps < 0)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    inv = torch.rsqrt(var + eps)
+    return (x - mean.reshape(shape)) * (inv * scale).reshape(shape) + bias.reshape(shape)
 
 
 @_op("InstanceNormalization")
@@ -721,6 +740,11 @@ def _cumsum(n, xs, m):
 # shapes and data movement
 
 
+def _allowzero(n: OnnxNode) -> bool:
+    """Reshape's allowzero: only 1 switches it on (as in onnxruntime and the ONNX reference)."""
+    return n.attr("allowzero", 0) == 1
+
+
 def _reshape_target(shape_in, target: list, allowzero: bool) -> list:
     return [shape_in[i] if (isinstance(t, int) and t == 0 and not allowzero) else t for i, t in enumerate(target)]
 
@@ -728,14 +752,14 @@ def _reshape_target(shape_in, target: list, allowzero: bool) -> list:
 @_op("Reshape", static=(1,))
 def _reshape(n, xs, m):
     x = tensor(xs[0])
-    target = _reshape_target(x.shape, _ints(xs[1], "shape", n), bool(n.attr("allowzero", 0)))
+    target = _reshape_target(x.shape, _ints(xs[1], "shape", n), _allowzero(n))
     return x.reshape(target)
 
 
 @_op("Flatten")
 def _flatten(n, xs, m):
     x = tensor(xs[0])
-    axis = _axis(int(n.attr("axis", 1)), x.dim())
+    axis = _axis(int(n.attr("axis", 1)), x.dim(), inclusive=True)
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
@@ -840,6 +864,11 @@ def _slice_args(n: OnnxNode, xs: list, rank: int):
         starts, ends = _ints(xs[1], "starts", n), _ints(xs[2], "ends", n)
         axes = _ints(xs[3], "axes", n) if len(xs) > 3 and xs[3] is not None else list(range(len(starts)))
         steps = _ints(xs[4], "steps", n) if len(xs) > 4 and xs[4] is not None else [1] * len(starts)
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        raise LrccError(f"node {n.label}: Slice needs one start, end, axis and step per sliced axis; got "
+                        f"{len(starts)} start(s), {len(ends)} end(s), {len(axes)} axes and {len(steps)} step(s)")
+    if any(isinstance(st, int) and st == 0 for st in steps):
+        raise LrccError(f"node {n.label}: Slice with a step of 0")
     return [(_axis(int(a), rank), s, e, st) for a, s, e, st in zip(axes, starts, ends, steps)]
 
 
@@ -867,6 +896,22 @@ def _slice(n, xs, m):
     return x
 
 
+MAX_ELEMENTS = 1 << 28  # the largest tensor shape arithmetic may ask for (Range, ConstantOfShape, Expand, Tile)
+
+
+def _check_size(n: OnnxNode, shape: list) -> None:
+    """Refuse to make a tensor whose size, computed from the model's constants or shapes, is
+    negative or absurd: a bad model would otherwise take all memory before failing."""
+    if not all(isinstance(d, int) for d in shape):
+        return  # symbolic sizes while tracing
+    if any(d < 0 for d in shape):
+        raise LrccError(f"node {n.label}: {n.op} asks for a tensor of shape {shape}, with a negative size")
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise LrccError(f"node {n.label}: {n.op} asks for a tensor of shape {shape} ({math.prod(shape):,} elements); "
+                        f"lrcc makes at most {MAX_ELEMENTS:,} elements from shape arithmetic. Check the model's "
+                        "constants")
+
+
 @_op("Expand", static=(1,))
 def _expand(n, xs, m):
     x = tensor(xs[0])
@@ -875,12 +920,18 @@ def _expand(n, xs, m):
     have = [1] * (rank - x.dim()) + list(x.shape)
     want = [1] * (rank - len(shape)) + list(shape)
     out = [a if (isinstance(b, int) and b == 1) else b for a, b in zip(have, want)]
+    _check_size(n, out)
     return x.reshape(have).expand(out)
 
 
 @_op("Tile", static=(1,))
 def _tile(n, xs, m):
-    return tensor(xs[0]).repeat(*_ints(xs[1], "repeats", n))
+    x = tensor(xs[0])
+    repeats = _ints(xs[1], "repeats", n)
+    if len(repeats) != x.dim():
+        raise LrccError(f"node {n.label}: Tile needs one repeat per input dim; got {len(repeats)} for rank {x.dim()}")
+    _check_size(n, [a * b for a, b in zip(x.shape, repeats)] if all(isinstance(r, int) for r in repeats) else [])
+    return x.repeat(*repeats)
 
 
 @_op("Split", static=(1,))
@@ -907,6 +958,7 @@ def _constant(n, xs, m):
 @_op("ConstantOfShape", static=(0,))
 def _constant_of_shape(n, xs, m):
     shape = _ints(xs[0], "shape", n)
+    _check_size(n, shape)
     value = n.attr("value")
     if value is None:
         return torch.zeros(shape, dtype=torch.float32)
@@ -921,6 +973,13 @@ def _range(n, xs, m):
     start, limit, delta = (_py(xs[i].array.reshape(-1)[0]) if isinstance(xs[i], Static) else _scalar(xs[i], "bound", n)
                            for i in range(3))
     dtype = _value_dtype(xs[0])
+    if all(isinstance(v, (int, float)) for v in (start, limit, delta)):
+        if delta == 0:
+            raise LrccError(f"node {n.label}: Range with a delta of 0")
+        count = (float(limit) - float(start)) / float(delta)
+        if not math.isfinite(count):
+            raise LrccError(f"node {n.label}: Range from {start} to {limit} by {delta} has no finite length")
+        _check_size(n, [max(int(math.ceil(count)), 0)])
     if dtype.is_floating_point:
         count = max(int(math.ceil((float(limit) - float(start)) / float(delta))), 0)
         return (start + torch.arange(count, dtype=torch.float64) * delta).to(dtype)
@@ -944,6 +1003,11 @@ def _pad(n, xs, m):
             a = _axis(int(a), rank)
             full[a], full[rank + a] = pads[i], pads[len(axes) + i]
         pads = full
+    if len(pads) != 2 * rank:
+        raise LrccError(f"node {n.label}: Pad needs {2 * rank} pads (a begin and an end per axis) for a rank-{rank} "
+                        f"input, got {len(pads)}")
+    if all(isinstance(p, int) for p in pads) and all(isinstance(d, int) for d in x.shape):
+        _check_size(n, [max(d + pads[i] + pads[rank + i], 0) for i, d in enumerate(x.shape)])
     if mode == "constant":
         if value is None or (isinstance(value, Static) and not _is_symbolic(value.array)):
             fill = 0 if value is None else value.array.reshape(-1)[0].item()
@@ -1123,12 +1187,20 @@ def _topk(n, xs, m):
 _SCATTER_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
 
 
+def _scatter_reduction(n: OnnxNode) -> str:
+    reduction = n.attr("reduction", "none")
+    if reduction != "none" and reduction not in _SCATTER_REDUCE:
+        raise LrccError(f"node {n.label}: {n.op} reduction {reduction!r} is not one of 'none', "
+                        f"{', '.join(repr(r) for r in _SCATTER_REDUCE)}")
+    return reduction
+
+
 @_op("ScatterElements", "Scatter")
 def _scatter_elements(n, xs, m):
     x, idx, updates = tensor(xs[0]), tensor(xs[1]).long(), tensor(xs[2])
     axis = _axis(int(n.attr("axis", 0)), x.dim())
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
-    reduction = n.attr("reduction", "none")
+    reduction = _scatter_reduction(n)
     if reduction == "none":
         return x.scatter(axis, idx, updates)
     return x.scatter_reduce(axis, idx, updates, _SCATTER_REDUCE[reduction], include_self=True)
@@ -1146,7 +1218,7 @@ def _scatter_nd(n, xs, m):
     flat = x.reshape(math.prod(sizes), -1)
     rows = updates.reshape(-1, flat.shape[1])
     where = linear.reshape(-1, 1).expand(-1, flat.shape[1])
-    reduction = n.attr("reduction", "none")
+    reduction = _scatter_reduction(n)
     if reduction == "none":
         return flat.scatter(0, where, rows).reshape(x.shape)
     return flat.scatter_reduce(0, where, rows, _SCATTER_REDUCE[reduction], include_self=True).reshape(x.shape)
@@ -1451,7 +1523,7 @@ def _s_squeeze(n, xs):
 @_static_impl("Reshape")
 def _s_reshape(n, xs):
     a = _arr(xs[0])
-    target = _reshape_target(a.shape, _ints(xs[1], "shape", n), bool(n.attr("allowzero", 0)))
+    target = _reshape_target(a.shape, _ints(xs[1], "shape", n), _allowzero(n))
     if any(not isinstance(t, int) for t in target):
         return NotImplemented
     return _np_result(a.reshape(target), xs[0].dtype)
@@ -1475,6 +1547,8 @@ def _s_range(n, xs):
     if any(isinstance(v, (torch.SymInt, torch.SymFloat)) for v in vals):
         return NotImplemented
     start, limit, delta = vals
+    if float(delta) == 0 or not math.isfinite((float(limit) - float(start)) / float(delta)):
+        return NotImplemented  # the converter says what is wrong
     count = max(int(math.ceil((float(limit) - float(start)) / float(delta))), 0)
     if count > 4096:
         return NotImplemented
@@ -1491,6 +1565,43 @@ _IDENT = re.compile(r"[^0-9A-Za-z_]")
 
 _PROBE = nn.Module()
 
+# what torch and numpy raise for operands of the wrong shape, element type or value; anything else
+# out of a converter is a bug in lrcc and stays as it is
+_OP_ERRORS = (RuntimeError, ValueError, IndexError, ZeroDivisionError, OverflowError, MemoryError)
+
+
+def _values_unknown_now() -> bool:
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
+
+
+def _describe(xs: list) -> str:
+    """Node inputs as element type and shape, e.g. (float32[2, 8], int64[3], -)."""
+    parts = []
+    for x in xs:
+        if x is None:
+            parts.append("-")
+        elif isinstance(x, Static):
+            parts.append(f"{str(x.dtype).removeprefix('torch.')}{list(x.array.shape)}")
+        else:
+            parts.append(f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}")
+    return "(" + ", ".join(parts) + ")"
+
+
+def _initializer_array(t, where: str) -> np.ndarray:
+    """A TensorProto's values (an initializer, a Constant's value); a corrupt one, whose data does
+    not fill its dims, is named by `where`."""
+    from onnx import numpy_helper
+    try:
+        return np.asarray(numpy_helper.to_array(t))
+    except (ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise LrccError(f"{where} (dims {list(t.dims)}): its data does not match its "
+                        f"dims and element type ({_first_line(e)}); the file is corrupt or was edited by hand") from None
+
 
 def _sanitize(part: str) -> str:
     s = _IDENT.sub("_", part)
@@ -1503,11 +1614,9 @@ class OnnxModule(nn.Module):
 
     def __init__(self, model, source: str = "<model>") -> None:
         super().__init__()
-        from onnx import numpy_helper
         graph = model.graph
         self.source = source
-        opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
-        self._opset = opsets.get("ai.onnx", 1)
+        self._opset = onnx_opset(model, source)
         initializers = {t.name: t for t in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in initializers]
         self.output_names = [o.name for o in graph.output]
@@ -1519,12 +1628,14 @@ class OnnxModule(nn.Module):
         consts: dict[str, Static] = {}
         for name, t in initializers.items():
             dtype = _torch_dtype(t.data_type, f"{source}: initializer {name!r}")
-            consts[name] = Static(np.asarray(numpy_helper.to_array(t)), dtype)
+            consts[name] = Static(_initializer_array(t, f"{source}: initializer {name!r}"), dtype)
         self._initializer_names = set(initializers)
 
-        nodes = [OnnxNode(i, nd.name, nd.op_type, list(nd.input), list(nd.output),
-                          {a.name: _attr_value(a) for a in nd.attribute}, self._opset)
-                 for i, nd in enumerate(graph.node)]
+        nodes = []
+        for i, nd in enumerate(graph.node):
+            label = f"{source}: node {nd.name!r}" if nd.name else f"{source}: node #{i} ({nd.op_type})"
+            nodes.append(OnnxNode(i, nd.name, nd.op_type, list(nd.input), list(nd.output),
+                                  {a.name: _attr_value(a, label) for a in nd.attribute}, self._opset))
         users: dict[str, list[tuple[OnnxNode, int]]] = {}
         for nd in nodes:
             for k, name in enumerate(nd.inputs):
@@ -1584,16 +1695,25 @@ class OnnxModule(nn.Module):
             impl = _STATIC_IMPLS.get(nd.op)
             out = impl(nd, xs) if impl is not None else NotImplemented
             if out is NotImplemented:
-                real = [torch.from_numpy(np.ascontiguousarray(x.array)).to(x.dtype) if isinstance(x, Static) else x
-                        for x in xs]
+                real = [torch.from_numpy(np.require(x.array, requirements=["C", "W"])).to(x.dtype)
+                        if isinstance(x, Static) else x for x in xs]  # writable: torch warns on read-only buffers
                 out = SUPPORTED_OPS[nd.op](nd, real, self)
-        except LrccError:
-            raise
-        except Exception as e:  # a torch or numpy error on the model's own constants
-            raise LrccError(f"{self.source}: node {nd.label} ({nd.op}) fails on its constant inputs: "
-                            f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
+        except LrccError as e:
+            raise self._located(e, nd) from e
+        except _OP_ERRORS as e:  # a torch or numpy error on the model's own constants
+            raise LrccError(f"{self.source}: node {nd.label} ({nd.op}) fails on its constant inputs "
+                            f"{_describe(xs)}: {_first_line(e)}") from e
         outs = out if isinstance(out, tuple) else (out,)
         return [v if isinstance(v, Static) else _static(v.detach().numpy(), v.dtype) for v in outs]
+
+    def _located(self, e: LrccError, nd: OnnxNode) -> LrccError:
+        """e, with the node and the model's file or name in front where its message lacks them."""
+        msg = str(e)
+        if f"node {nd.label}" not in msg:
+            msg = f"node {nd.label} ({nd.op}): {msg}"
+        if not msg.startswith(self.source):
+            msg = f"{self.source}: {msg}"
+        return e if msg == str(e) else type(e)(msg)
 
     def _path_for(self, name: str) -> str:
         parts = [_sanitize(p) for p in name.split(".")]
@@ -1698,6 +1818,17 @@ class OnnxModule(nn.Module):
         return results[0] if len(results) == 1 else results
 
     def _run(self, nd: OnnxNode, xs: list):
+        if _values_unknown_now():  # torch.export tracing: its own errors say more than ours
+            return self._convert(nd, xs)
+        try:
+            return self._convert(nd, xs)
+        except LrccError as e:
+            raise self._located(e, nd) from e
+        except _OP_ERRORS as e:  # a valid model whose shapes do not fit these inputs, or a bad model
+            raise LrccError(f"{self.source}: node {nd.label} ({nd.op}) fails on inputs {_describe(xs)}: "
+                            f"{_first_line(e)}; check the model with onnxruntime on the same inputs") from e
+
+    def _convert(self, nd: OnnxNode, xs: list):
         impl = _STATIC_IMPLS.get(nd.op)
         if impl is not None and (nd.op in ("Shape", "Size") or all(x is None or isinstance(x, Static) for x in xs)):
             out = impl(nd, xs)
@@ -1725,13 +1856,29 @@ def _load(path_or_model) -> tuple[Any, str]:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise LrccError(f"{path}: not a valid ONNX model (cannot parse it: {reason}); "
                         "is the file complete and written by an ONNX exporter?") from None
-    if not model.graph.node and not model.graph.output:
-        raise LrccError(f"{path}: not a valid ONNX model (it has no graph); is the file complete?")
     return model, path
+
+
+def onnx_opset(model, source: str = "<model>") -> int:
+    """The version of the default ONNX operator set the model imports ("" and "ai.onnx" name it)."""
+    versions = {o.version for o in model.opset_import if (o.domain or "") in ("", "ai.onnx")}
+    if len(versions) > 1:
+        raise LrccError(f"{source}: the model imports the ONNX operator set at several versions "
+                        f"({', '.join(str(v) for v in sorted(versions))}, as domain '' and 'ai.onnx'); keep one")
+    return versions.pop() if versions else 1
 
 
 def _check(model, source: str):
     import onnx
+    if not model.graph.node and not model.graph.output:
+        raise LrccError(f"{source}: not a valid ONNX model (it has no graph); is the file complete?")
+    if not model.graph.output:
+        raise LrccError(f"{source}: the graph has no outputs; a model lrcc compiles computes at least one")
+    opset = onnx_opset(model, source)
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise LrccError(f"{source}: the model imports ONNX operator set {opset}, newer than the newest this "
+                        f"onnx package knows ({newest}); upgrade onnx, or export the model at opset {newest} or below")
     try:
         onnx.checker.check_model(model)
     except Exception as e:
@@ -1748,6 +1895,21 @@ def _check(model, source: str):
     except Exception:  # shapes are a convenience here; the module computes its own
         pass
     return model
+
+
+def _infer_types(model, source: str):
+    """ONNX's own type and shape inference, strict, once function operators are expanded: a model
+    whose element types or static shapes contradict each other (a float16 scale on a float32
+    LayerNormalization, a Conv bias of the wrong size, an Add of [2, 4] and [2, 3]) is refused
+    here, naming the node, rather than failing inside torch later."""
+    import onnx
+    try:
+        # no data_prop: ONNX's data propagation materialises a Range of 2**62 values (and runs out of memory)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as e:
+        reason = " ".join(str(e).split())[:400] or type(e).__name__
+        raise LrccError(f"{source}: not a valid ONNX model: its element types or shapes are inconsistent "
+                        f"(ONNX shape inference says: {reason}); fix the model where it names the node") from None
 
 
 def _function_body(node, opset: int, types: dict):
@@ -1864,7 +2026,7 @@ def unsupported_nodes(model, expand: bool = False) -> dict[str, list[str]]:
             copy = onnx.shape_inference.infer_shapes(copy)
         except Exception:
             pass
-        opset = next((o.version for o in copy.opset_import if (o.domain or "") in ("", "ai.onnx")), 1)
+        opset = onnx_opset(copy)
         model = _expand_function_ops(copy, opset)
     where: dict[str, list[str]] = {}
     for i, nd in enumerate(model.graph.node):
@@ -1897,10 +2059,13 @@ def _vocab_sizes(model) -> dict[str, int]:
         if nd.op_type == "Gather" and len(nd.input) > 1 and nd.input[0] in tables:
             axis = next((a.i for a in nd.attribute if a.name == "axis"), 0)
             dims = tables[nd.input[0]]
-            if dims:
+            if -len(dims) <= axis < len(dims):  # an axis out of range is the Gather's own error, later
                 size = dims[axis if axis >= 0 else axis + len(dims)]
                 out[nd.input[1]] = min(out.get(nd.input[1], size), size)
     return out
+
+
+MAX_EXAMPLE_ELEMENTS = 1 << 28  # 1 GiB of float32 per input
 
 
 def example_inputs_for(model, source: str = "<model>", seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -1925,6 +2090,10 @@ def example_inputs_for(model, source: str = "<model>", seed: int = 0) -> tuple[t
         if not tt.HasField("shape"):
             raise LrccError(f"{source}: input {inp.name!r} has no shape in the model; pass example_inputs to lrcc.compile")
         shape = [d.dim_value if d.HasField("dim_value") else (2 if i == 0 else 8) for i, d in enumerate(tt.shape.dim)]
+        if math.prod(shape) > MAX_EXAMPLE_ELEMENTS:
+            raise LrccError(f"{source}: input {inp.name!r} has shape {shape} ({math.prod(shape):,} elements); lrcc makes "
+                            f"example inputs of at most {MAX_EXAMPLE_ELEMENTS:,} elements. Check the model's input "
+                            "shape, or export it with symbolic dims")
         is_mask = "mask" in inp.name.lower()
         if dtype.is_floating_point:
             x = torch.randn(shape, generator=gen).to(dtype)
@@ -1959,8 +2128,9 @@ def onnx_to_module(path_or_model) -> tuple[OnnxModule, tuple[torch.Tensor, ...]]
         model = onnx.ModelProto()
         model.CopyFrom(path_or_model)  # the import rewrites the graph; the caller's model stays as it was
     model = _check(model, source)
-    opset = next((o.version for o in model.opset_import if (o.domain or "") in ("", "ai.onnx")), 1)
+    opset = onnx_opset(model, source)
     model = _expand_function_ops(model, opset)
     _unsupported(model, source)
+    model = _infer_types(model, source)
     module = OnnxModule(model, source).eval()
     return module, example_inputs_for(model, source)

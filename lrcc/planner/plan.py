@@ -111,7 +111,7 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
         useful = []
         for c in cands:
             cost = {"params": c.params, "bytes": c.bytes, "latency": _cand_latency(g, n, c, target, dims),
-                    "flash": flash_of(c.weight_shapes) if flash_of else 0}
+                    "flash": flash_of(c.weight_shapes, int(c.knobs.get("bits", 8))) if flash_of else 0}
             if any(cost[r] < keep_cost[r] for r in resources):
                 useful.append(c)
         if useful:
@@ -157,7 +157,7 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
             err = float(errors[c.family][c.index])
             opts.append(Option(err, {"params": c.params, "bytes": c.bytes,
                                      "latency": _cand_latency(g, n, c, target, dims),
-                                     "flash": flash_of(c.weight_shapes) if flash_of else 0}, c))
+                                     "flash": flash_of(c.weight_shapes, int(c.knobs.get("bits", 8))) if flash_of else 0}, c))
         table[site] = opts
     model_latency = graph_latency(g, target, dims)
     fixed_latency = model_latency - sum(o[0].costs["latency"] for o in table.values())

@@ -286,6 +286,7 @@ def _offer_quant(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
     methods = options.get("quant_methods", ("gptq", "awq"))
     for method in methods:
         specs = QUANT_SPECS if method == "gptq" else AWQ_SPECS
+        specs = options.get("quant_specs", specs)  # a target may allow only the layouts its code runs
         for spec in _allowed(specs, options):
             cols = padded_columns(k, spec.group)
             attrs = {"m": m, "n": k, "bits": spec.bits, "group": spec.group, "cols": cols}

@@ -83,13 +83,18 @@ class Linear:
 
     @staticmethod
     def flags(ops: list[Op]) -> dict:
-        bits = {int(op.attrs.get("bits", 8)) for op in ops}
-        return {"bits8": 8 in bits, "bits4": 4 in bits}
+        bits = {int(op.attrs.get("bits", 8)) for op in ops if "zero" not in op.attrs}
+        return {"bits8": 8 in bits, "bits4": 4 in bits, "bits4z": any("zero" in op.attrs for op in ops)}
 
     @staticmethod
     def weight(op: Op) -> np.ndarray:
         """The (m, n) int8 weight, unpacking 4-bit storage."""
         w = op.attrs["weight"]
+        if "zero" in op.attrs:  # unsigned 4-bit codes minus a zero point per row
+            n = int(op.attrs["n"])
+            u = w.view(np.uint8).astype(np.int32)
+            full = np.stack([u & 0xF, u >> 4], axis=-1).reshape(w.shape[0], -1)[:, :n]
+            return full - op.attrs["zero"].astype(np.int32)[:, None]
         if int(op.attrs.get("bits", 8)) == 4:
             n = int(op.attrs["n"])
             lo = ((w.astype(np.int32) & 0xF) ^ 8) - 8
@@ -115,6 +120,9 @@ class Linear:
         n = int(op.attrs["n"])
         rows = int(op.attrs["rows"])
         lo, hi = act_range(op)
+        if "zero" in op.attrs:
+            return (f"lrcc_linear_u4z({ins[0]}, {out}, {sym('weight')}, {sym('zero')}, {sym('bias')}, {sym('mult')}, "
+                    f"{sym('shift')}, {rows}, {n}, {m}, {c_int(op.attrs['x_zp'])}, {c_int(op.attrs['y_zp'])}, {lo}, {hi})")
         fn = "lrcc_linear_s4" if int(op.attrs.get("bits", 8)) == 4 else "lrcc_linear_s8"
         return (f"{fn}({ins[0]}, {out}, {sym('weight')}, {sym('bias')}, {sym('mult')}, {sym('shift')}, "
                 f"{rows}, {n}, {m}, {c_int(op.attrs['x_zp'])}, {c_int(op.attrs['y_zp'])}, {lo}, {hi})")
@@ -147,6 +155,33 @@ class Linear:
         attrs = {"weight": stored, "bias": bias_q, "mult": mult, "shift": shift, "rows": int(rows), "n": int(n),
                  "m": int(m), "x_zp": int(xz), "y_zp": int(yz), "act_min": int(yz) if relu else -128, "act_max": 127,
                  "bits": int(bits)}
+        return Op("linear", name, [], "", attrs)
+
+    @staticmethod
+    def build_u4z(name: str, codes: np.ndarray, zero: np.ndarray, scale: np.ndarray, bias: np.ndarray | None,
+                  rows: int, x_q: tuple[float, int], y_q: tuple[float, int], relu: bool = False) -> Op:
+        """A linear op from 4-bit asymmetric per-channel codes (m, n) in 0..15 with a zero point and
+        scale per output row (W = (codes - zero) * scale, as quantize_linear stores it with group 0):
+        the C uses the codes and zero points as they are, so it computes exactly the planned weight."""
+        q = np.asarray(codes, dtype=np.int32)
+        m, n = q.shape
+        if q.min() < 0 or q.max() > 15:
+            raise LrccError(f"layer {name}: 4-bit codes out of range [0, 15]")
+        z = np.asarray(zero, dtype=np.float64)
+        if not np.array_equal(z, np.round(z)) or z.min() < 0 or z.max() > 15:
+            raise LrccError(f"layer {name}: zero points must be whole numbers in [0, 15]")
+        s = np.asarray(scale, dtype=np.float64)
+        (xs, xz), (ys, yz) = x_q, y_q
+        b = np.zeros(m) if bias is None else np.asarray(bias, dtype=np.float64)
+        headroom = 2**31 - 1 - n * 255 * 15 * 2
+        bias_q = np.clip(np.round(b / (xs * s)), -headroom, headroom).astype(np.int32)
+        mult, shift = fx.quantize_multipliers(xs * s / ys, f"layer {name}: requantisation")
+        pad = np.zeros((m, n + (n & 1)), dtype=np.int32)
+        pad[:, :n] = q
+        packed = (pad[:, 0::2] | (pad[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+        attrs = {"weight": packed, "zero": z.astype(np.int32), "bias": bias_q, "mult": mult, "shift": shift,
+                 "rows": int(rows), "n": int(n), "m": int(m), "x_zp": int(xz), "y_zp": int(yz),
+                 "act_min": int(yz) if relu else -128, "act_max": 127, "bits": 4}
         return Op("linear", name, [], "", attrs)
 
 

@@ -28,7 +28,7 @@ _RESHAPES = {"view", "_unsafe_view", "reshape", "flatten", "unsqueeze", "squeeze
              "detach", "dropout", "lift_fresh_copy"}
 _SUPPORTED = sorted(_RESHAPES | {"transpose", "permute", "t", "relu", "max_pool2d", "adaptive_avg_pool2d", "mean",
                                   "add", "gelu", "layer_norm", "softmax", "_softmax", "scaled_dot_product_attention",
-                                  "conv2d"}) + ["linear", "lowrank_linear"]
+                                  "conv2d"}) + ["linear", "lowrank_linear", "compressed_linear (int4 per channel)"]
 
 
 @dataclass
@@ -52,6 +52,11 @@ def unsupported_ops(g: Graph) -> list[tuple[str, str]]:
     bad = []
     for n in g.nodes:
         if n.op in ("input", "param", "output", "linear", "lowrank_linear") or _is_shape_arith(n):
+            continue
+        if n.op == "compressed_linear":
+            why = c_quant_unsupported(n)
+            if why:
+                bad.append((n.name, f"compressed_linear ({why})"))
             continue
         if n.op != "aten" or _short(n.attrs["target"]) not in _SUPPORTED:
             bad.append((n.name, n.target_name()))
@@ -189,7 +194,7 @@ class Lowering:
                 self.vals[n.name] = Val(self.new_tensor(n.name, shape, self.qparams(n.name)), shape)
             elif n.op == "param" or _is_shape_arith(n):
                 continue  # shape arithmetic (sym_size, ...): the C runs at fixed shapes
-            elif n.op in ("linear", "lowrank_linear"):
+            elif n.op in ("linear", "lowrank_linear", "compressed_linear"):
                 self.lower_linear(n)
             elif n.op == "aten":
                 getattr(self, f"lower_{_short(n.attrs['target'])}", self.lower_reshape)(n)
@@ -224,7 +229,16 @@ class Lowering:
         xin = self.contiguous(x, n.name + ".in", (rows, k_in))
         out = self.new_tensor(last.name, shape_out, yq)
         bits = int(self.bits.get(n.attrs.get("site", ""), 8))
-        if n.op == "linear":
+        if n.op == "compressed_linear":
+            from ...rewrites.quantize import unpack
+            parts = dict(zip(n.attrs["roles"], ts))
+            codes = unpack(parts["codes"], 4, int(n.attrs["cols"])).numpy()[:, :int(n.attrs["n"])]
+            b = parts.get("bias")
+            op = kernels.Linear.build_u4z(n.attrs.get("site", n.name), codes, parts["zero"].float().numpy().ravel(),
+                                          parts["scale"].float().numpy().ravel(), None if b is None else b.numpy(),
+                                          rows, self.q_of(xin), yq, relu=relu)
+            self.emit(op, [xin], self.alias(out, (rows, shape_out[-1])))
+        elif n.op == "linear":
             w, b = ts[0], (ts[1] if len(ts) > 1 else None)
             op = kernels.Linear.build(n.attrs.get("site", n.name), w.numpy(), None if b is None else b.numpy(), rows,
                                       self.q_of(xin), yq, relu=relu, bits=bits)
@@ -459,6 +473,17 @@ class Lowering:
             self.vals[n.name] = Val(self.contiguous(x, n.name + ".in", shape), shape)
             return
         self.vals[n.name] = Val(self.alias(x.tensor, shape), shape)
+
+
+def c_quant_unsupported(n: Node) -> str | None:
+    """Why the C backend cannot run this compressed_linear, or None: it runs 4-bit weights with a
+    zero point and scale per output channel (quantize_linear with group 0), nothing else."""
+    roles = set(n.attrs.get("roles", ()))
+    if not roles <= {"codes", "scale", "zero", "bias"} or "codes" not in roles:
+        return f"parts {sorted(roles)}; the C backend runs per-channel int4 weights only"
+    if int(n.attrs.get("bits", 0)) != 4 or int(n.attrs.get("group", -1)) != 0:
+        return f"int{n.attrs.get('bits')} group {n.attrs.get('group')}; the C backend runs int4 per channel only"
+    return None
 
 
 def _is_shape_arith(n: Node) -> bool:

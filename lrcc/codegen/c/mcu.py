@@ -26,9 +26,12 @@ CODE_ESTIMATE = 16 * 1024
 STACK_ESTIMATE = 1024
 
 
-def flash_of_site(shapes: list[tuple[int, int]]) -> int:
+def flash_of_site(shapes: list[tuple[int, int]], bits: int = 8) -> int:
     """Flash bytes of a linear site computing products with weights of these (m, n) shapes:
-    int8 weights plus an int32 bias, multiplier and shift per output channel of each product."""
+    int8 weights (int4: two per byte and a zero point per row) plus an int32 bias, multiplier and
+    shift per output channel of each product."""
+    if bits == 4:
+        return int(sum(m * ((n + 1) // 2) + 16 * m for m, n in shapes))
     return int(sum(m * n + 12 * m for m, n in shapes))
 
 

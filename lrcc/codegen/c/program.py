@@ -15,7 +15,9 @@ ReLU: act_min = y_zp), else to [-128, 127].
                acc = bias[o] + sum_i (x[r,i] - x_zp) * weight[o,i];
                y = clamp(y_zp + requantize(acc, mult[o], shift[o]), act_min, act_max).
                Optional attr ``bits`` = 4: weight is packed two per byte (low nibble = even column,
-               signed 4-bit two's complement), shape (m, ceil(n/2)).
+               signed 4-bit two's complement), shape (m, ceil(n/2)). With ``bits`` = 4 and an attr
+               ``zero`` int32 (m), the nibbles are unsigned codes and weight[o,i] = code - zero[o]
+               (quantize_linear's per-channel int4 layout, run as stored).
 - ``conv2d``   x (C, H, W) -> y (M, OH, OW), NCHW. weight int8 (M, C/groups, KH, KW), bias, mult,
                shift as linear; stride [sh, sw], pad [top, left, bottom, right] (padded inputs are
                x_zp, i.e. real 0), groups. Optional ``pool`` = 2: a 2x2 stride-2 max pool fused after
