@@ -395,7 +395,7 @@ def _check_inputs(model: torch.nn.Module, example_inputs: tuple, onnx: bool) -> 
                         "model's forward")
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
-            raise LrccError(f"compile: example_inputs[{i}] is a {type(x).__name__}, not a tensor; example_inputs "
+            raise LrccError(f"compile: example_inputs[{i}] is of type {type(x).__name__}, not a tensor; example_inputs "
                             "must be a tuple of tensors, one per argument of the model's forward")
     _check_arity(model, len(example_inputs))
     for i, x in enumerate(example_inputs):

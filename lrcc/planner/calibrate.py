@@ -37,7 +37,8 @@ def check_batches(batches: list[tuple], num_inputs: int, what: str = "calibratio
             if not isinstance(x, torch.Tensor):
                 raise CalibrationError(f"{what} batch {b} input {i}: expected a tensor, got {type(x).__name__}")
             if x.dtype.is_floating_point and not torch.isfinite(x).all():
-                raise CalibrationError(f"{what} batch {b} input {i}: contains NaN or Inf")
+                raise CalibrationError(f"{what} batch {b} input {i}: contains {int(torch.isnan(x).sum())} NaN and "
+                                       f"{int(torch.isinf(x).sum())} Inf value(s); clean or drop that batch")
         out.append(tuple(batch))
     if not out:
         raise CalibrationError(f"{what}: no batches given")
