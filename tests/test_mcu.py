@@ -207,3 +207,32 @@ def test_tight_flash_budget_picks_int4_weights_that_run_exactly(compiled, tmp_pa
     assert acc >= float_acc - 0.02
     chk = check_c(cm.program, cm.module.quantize_input(data.x_test[:8]), board="stm32f746", workdir=tmp_path)
     assert chk.host_equal and chk.qemu_equal
+
+
+class AvgPoolNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.fc(F.avg_pool2d(F.relu(self.conv(x)), 3, stride=2).flatten(1))
+
+
+def test_avg_pool_lowers_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = AvgPoolNet().eval()
+    calib = [(torch.rand(16, 1, 7, 7),) for _ in range(4)]
+    cm = lrcc.compile(model, (calib[0][0][:1],), target="stm32f746", calibration=calib)
+    assert any(op.kind == "avgpool2d" for op in cm.program.ops)
+    x = torch.rand(32, 1, 7, 7)
+    with torch.no_grad():
+        cos = F.cosine_similarity(model(x), cm(x), dim=1)
+    assert float(cos.mean()) > 0.99
+    chk = check_c(cm.program, cm.module.quantize_input(x[:4]), board=None, workdir=tmp_path)
+    assert chk.host_equal
+    with pytest.raises(lrcc.LrccError, match="avg_pool2d with padding"):
+        class Padded(AvgPoolNet):
+            def forward(self, x):
+                return F.avg_pool2d(self.conv(x), 3, stride=2, padding=1).flatten(1)
+        lrcc.compile(Padded().eval(), (calib[0][0][:1],), target="stm32f746", calibration=calib)

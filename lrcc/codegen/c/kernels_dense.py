@@ -369,3 +369,53 @@ class Permute:
         if math.prod(shape) > INT32_MAX:
             raise LrccError(f"C backend: permute {name}: {math.prod(shape)} values is too many")
         return Op("permute", name, [], "", {"in_shape": shape, "perm": perm})
+
+
+# --------------------------------------------------------------------------------------------
+@kernel("avgpool2d")
+class AvgPool2d:
+    """Average pool without padding: y = clamp(y_zp + requantize(sum of (x - x_zp) over the window,
+    mult, shift)), real multiplier x_scale / (y_scale * kh * kw)."""
+
+    template = "avgpool2d.c.j2"
+
+    @staticmethod
+    def reference(op: Op, xs: list[np.ndarray]) -> np.ndarray:
+        a = op.attrs
+        c, h, w = int(a["c"]), int(a["h"]), int(a["w"])
+        kh, kw = (int(v) for v in a["kernel"])
+        sh, sw = (int(v) for v in a["stride"])
+        oh, ow = int(a["oh"]), int(a["ow"])
+        x = xs[0].reshape(c, h, w).astype(np.int64) - int(a["x_zp"])
+        win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw][:, :oh, :ow]
+        y = int(a["y_zp"]) + fx.requantize(win.sum(axis=(3, 4)), int(a["mult"]), int(a["shift"]))
+        return fx.sat8(y)
+
+    @staticmethod
+    def call(op: Op, ins: list[str], out: str, scratch: str, sym: Callable[[str], str]) -> str:
+        a = op.attrs
+        kh, kw = (int(v) for v in a["kernel"])
+        sh, sw = (int(v) for v in a["stride"])
+        return (f"lrcc_avgpool2d_s8({ins[0]}, {out}, {int(a['c'])}, {int(a['h'])}, {int(a['w'])}, {kh}, {kw}, "
+                f"{sh}, {sw}, {int(a['oh'])}, {int(a['ow'])}, {c_int(a['x_zp'])}, {c_int(a['y_zp'])}, "
+                f"{c_int(a['mult'])}, {c_int(a['shift'])})")
+
+    @staticmethod
+    def build(name: str, x_shape: Sequence[int], x_q: tuple[float, int], y_q: tuple[float, int], kernel,
+              stride=None) -> Op:
+        """An average pool over x of shape (C, H, W) without padding; output sizes floor like torch."""
+        if len(x_shape) != 3:
+            raise LrccError(f"C backend: avg pool {name}: input of shape {tuple(x_shape)}; expected (C, H, W)")
+        c, h, w = (int(s) for s in x_shape)
+        kh, kw = _pair(kernel, f"avg pool {name}: kernel")
+        sh, sw = _pair(kernel if stride is None or stride == [] else stride, f"avg pool {name}: stride")
+        if min(kh, kw, sh, sw) < 1:
+            raise LrccError(f"C backend: avg pool {name}: kernel {kernel!r} and stride {stride!r} must be positive")
+        oh, ow = _out_size(h, kh, 0, 0, sh), _out_size(w, kw, 0, 0, sw)
+        if oh < 1 or ow < 1:
+            raise LrccError(f"C backend: avg pool {name}: empty output from input {h}x{w} and kernel {kh}x{kw}")
+        (xs, xz), (ys, yz) = x_q, y_q
+        mult, shift = fx.quantize_multiplier(xs / (ys * kh * kw), f"avg pool {name}: requantisation")
+        attrs = {"c": c, "h": h, "w": w, "kernel": [kh, kw], "stride": [sh, sw], "oh": int(oh), "ow": int(ow),
+                 "x_zp": int(xz), "y_zp": int(yz), "mult": int(mult), "shift": int(shift)}
+        return Op("avgpool2d", name, [], "", attrs)

@@ -26,7 +26,7 @@ from .ranges import Ranges
 # ops that only re-view a contiguous tensor
 _RESHAPES = {"view", "_unsafe_view", "reshape", "flatten", "unsqueeze", "squeeze", "contiguous", "clone", "alias",
              "detach", "dropout", "lift_fresh_copy"}
-_SUPPORTED = sorted(_RESHAPES | {"transpose", "permute", "t", "relu", "max_pool2d", "adaptive_avg_pool2d", "mean",
+_SUPPORTED = sorted(_RESHAPES | {"transpose", "permute", "t", "relu", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean",
                                   "add", "gelu", "layer_norm", "softmax", "_softmax", "scaled_dot_product_attention",
                                   "conv2d"}) + ["linear", "lowrank_linear", "compressed_linear (int4 per channel)"]
 
@@ -302,6 +302,25 @@ class Lowering:
         out = self.new_tensor(n.name, shape, self.q_of(xin))
         self.emit(kernels.get("maxpool2d").build(n.name, tuple(x.shape), self.q_of(xin), kernel, stride,
                                                  (ph, pw, ph, pw)), [xin], out)
+        self.vals[n.name] = Val(out, shape)
+
+    def lower_avg_pool2d(self, n: Node) -> None:
+        args = list(n.attrs["args"]) + [None] * 7
+        kw = dict(n.attrs["kwargs"])
+        x = self.value(args[0])
+        kernel = _pair(args[1])
+        stride = _pair(args[2]) if args[2] not in (None, []) else kernel
+        pad = _pair(args[3] if args[3] is not None else 0)
+        ceil_mode = bool(kw.get("ceil_mode", args[4]))
+        divisor = kw.get("divisor_override", args[6])
+        if pad != (0, 0) or ceil_mode or divisor is not None:
+            raise LrccError(f"C backend: {n.name}: avg_pool2d with padding, ceil_mode or divisor_override is not "
+                            "supported")
+        xin = self.contiguous(x, n.name + ".in")
+        shape = self.shape(n)
+        yq = self.qparams(n.name)
+        out = self.new_tensor(n.name, shape, yq)
+        self.emit(kernels.get("avgpool2d").build(n.name, tuple(x.shape), self.q_of(xin), yq, kernel, stride), [xin], out)
         self.vals[n.name] = Val(out, shape)
 
     def lower_adaptive_avg_pool2d(self, n: Node) -> None:

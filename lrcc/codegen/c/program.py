@@ -32,6 +32,8 @@ ReLU: act_min = y_zp), else to [-128, 127].
                [top, left, bottom, right] (padding never wins the max; a window wholly in the padding
                gives -128); same qparams in and out. Attrs c, h, w, kernel, stride, pad, oh, ow (floor,
                like torch), x_zp = y_zp.
+- ``avgpool2d`` x (C, H, W) -> y (C, OH, OW): kernel, stride, no padding; mult/shift (real =
+               x_scale / (y_scale kh kw)); y = clamp(y_zp + requantize(sum over the window of (x - x_zp))).
 - ``mean``     x viewed as (outer, count, inner) -> y (outer, inner): attrs outer, count, inner,
                mult, shift (scalars; real = x_scale / (y_scale * count)).
                y = clamp(y_zp + requantize(sum_k (x - x_zp), mult, shift)); attrs also x_zp, y_zp.
@@ -84,7 +86,7 @@ from typing import Any
 
 import numpy as np
 
-OP_KINDS = ("linear", "conv2d", "maxpool2d", "mean", "add", "relu", "lut", "requant", "layernorm", "softmax",
+OP_KINDS = ("linear", "conv2d", "maxpool2d", "avgpool2d", "mean", "add", "relu", "lut", "requant", "layernorm", "softmax",
             "attention", "permute")
 
 
