@@ -101,11 +101,12 @@ def large_vit(board: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         chk = check_c(cm.program, cm.module.quantize_input(data.x_test[:4]), board=board, workdir=d)
     require_equal(chk, "large ViT")
-    factorised = sum(1 for r in cm.report.rows if r["choice"] != "dense")
+    lowrank = sum(1 for r in cm.report.rows if r["choice"].startswith("rank"))
+    int4 = sum(1 for r in cm.report.rows if r["choice"].startswith("int4"))
     return {"params": params, "int8_weights": params, "float_acc": float_acc, "int8_acc": int8_acc, "agree": agree,
             "arena": chk.arena_bytes, "stack": chk.stack_used, "flash_model": chk.model_text,
             "image_text": chk.text, "image_data": chk.data, "image_bss": chk.bss, "sites": len(cm.report.rows),
-            "factorised": factorised, "train_s": t_train, "compile_s": t_compile,
+            "lowrank": lowrank, "int4": int4, "choices": [r["choice"] for r in cm.report.rows], "train_s": t_train, "compile_s": t_compile,
             "params_after": cm.report.totals["params_after"], "params_before": cm.report.totals["params_before"]}
 
 
@@ -133,9 +134,9 @@ def main() -> None:
         L = large_vit(args.board)
         body += (f"\nLarge ViT (dim {LARGE['dim']}, {LARGE['depth']} blocks, {LARGE['heads']} heads, MLP ratio "
                  f"{LARGE['mlp_ratio']}; {L['params']:,} parameters, so {L['int8_weights']:,} B of int8 weights before "
-                 f"compression) compiled with the {args.board}'s own limits (1 MB flash, 320 KB SRAM): {L['factorised']} "
-                 f"of {L['sites']} linear sites factorised ({L['params_after']:,} of {L['params_before']:,} site "
-                 f"parameters kept); model object {L['flash_model']:,} B of flash; whole image text {L['image_text']:,} B "
+                 f"compression) compiled with the {args.board}'s own limits (1 MB flash, 320 KB SRAM): of {L['sites']} linear "
+                 f"sites, {L['lowrank']} factorised and {L['int4']} given int4 weights ({L['params_after']:,} of "
+                 f"{L['params_before']:,} site parameters kept); model object {L['flash_model']:,} B of flash; whole image text {L['image_text']:,} B "
                  f"+ data {L['image_data']:,} B (linked against the part's real 1 MB / 320 KB); arena {L['arena']:,} B, "
                  f"stack {L['stack']:,} B; QEMU output bit-exact with cm. Held-out top-1 agreement with the float "
                  f"model: {L['agree']:.4f} (accuracy float {L['float_acc']:.4f}, int8 C {L['int8_acc']:.4f}). "

@@ -193,19 +193,23 @@ def test_reference_executor_rejects_wrong_input():
     assert math.isfinite(float(cm(torch.rand(2, 64)).sum()))
 
 
-def test_tight_flash_budget_picks_int4_weights_that_run_exactly(compiled, tmp_path):
-    """Below what low rank alone reaches well, the planner takes per-channel int4 (GPTQ) weights;
-    the C runs their codes and zero points as stored, so C, QEMU and cm agree bit for bit."""
-    model, data, float_acc, _ = compiled["mlp"]
-    calib = [(data.x_train[i:i + 64],) for i in range(0, len(data.y_train), 64)]
-    cm = lrcc.compile(model, (data.x_train[:1],), target="stm32f746", budget="flash=40KB", calibration=calib)
-    assert cm.report.totals["flash_bytes"] <= 40 * 1024
+def test_tight_flash_budget_picks_int4_weights_that_run_exactly(tmp_path):
+    """On full-rank (untrained) weights low rank is a poor deal and the planner takes per-channel
+    int4 (GPTQ) weights; the C runs their codes and zero points as stored, so C, QEMU and cm agree
+    bit for bit, and the output stays close to the float model."""
+    torch.manual_seed(0)
+    model = digits.MLP().eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.rand(64, 64, generator=g),) for _ in range(8)]
+    cm = lrcc.compile(model, (calib[0][0][:1],), target="stm32f746", budget="flash=50KB", calibration=calib)
+    assert cm.report.totals["flash_bytes"] <= 50 * 1024
     assert any("int4" in r["choice"] for r in cm.report.rows)
     assert any(op.kind == "linear" and "zero" in op.attrs for op in cm.program.ops)
+    x = torch.rand(64, 64, generator=g)
     with torch.no_grad():
-        acc = float((cm(data.x_test).argmax(-1) == data.y_test).float().mean())
-    assert acc >= float_acc - 0.02
-    chk = check_c(cm.program, cm.module.quantize_input(data.x_test[:8]), board="stm32f746", workdir=tmp_path)
+        cos = F.cosine_similarity(model(x), cm(x), dim=1)
+    assert float(cos.mean()) > 0.98
+    chk = check_c(cm.program, cm.module.quantize_input(x[:8]), board="stm32f746", workdir=tmp_path)
     assert chk.host_equal and chk.qemu_equal
 
 

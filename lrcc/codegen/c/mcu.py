@@ -35,19 +35,26 @@ def flash_of_site(shapes: list[tuple[int, int]], bits: int = 8) -> int:
     return int(sum(m * n + 12 * m for m, n in shapes))
 
 
+# bytes of the lookup tables an op's kernel keeps in flash (lower.py / kernels_transformer.py)
+_TABLE_BYTES = {"gelu": 256, "softmax": 1024, "_softmax": 1024, "scaled_dot_product_attention": 512}
+
+
 def fixed_flash(g: Graph) -> int:
-    """Flash bytes outside the linear sites: other weights as the C stores them (matrices and
-    kernels int8, vectors int32), a 1 KB table per non-linear op, and the code estimate."""
+    """Flash bytes outside the linear sites: other weights as the C stores them (convolution
+    kernels int8 with an int32 bias, multiplier and shift per output channel; other matrices
+    int8; vectors such as layer-norm parameters int32), lookup tables, and the code estimate."""
     site_params = {i for n in g.sites() for i in n.inputs[1:]}
+    conv_weights = {n.attrs["args"][1].name for n in g.nodes if n.op == "aten"
+                    and n.attrs["target"].split(".")[1:2] == ["conv2d"] and hasattr(n.attrs["args"][1], "name")}
     total = CODE_ESTIMATE
     for n in g.nodes:
         if n.op == "param" and n.name not in site_params:
             t = g.tensors[n.attrs["ref"]]
             total += t.numel() * (4 if t.dim() <= 1 else 1)
-            if t.dim() >= 2:
-                total += 12 * int(t.shape[0])
+            if n.name in conv_weights:
+                total += 8 * int(t.shape[0])  # multiplier and shift (the bias is its own param)
         elif n.op == "aten":
-            total += 1024
+            total += _TABLE_BYTES.get(n.attrs["target"].split(".")[1] if "." in n.attrs["target"] else "", 0)
     return int(total)
 
 
