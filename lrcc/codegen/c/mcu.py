@@ -17,10 +17,12 @@ from .program import Op, Program, QTensor
 from .ranges import collect_ranges
 from .writer import CModel, plan_arena, write_c
 
-# Flash the generated program needs besides its constants: the kernels, lrcc_model_run, the C
-# library's start-up and semihosting stubs. Measured with arm-none-eabi-gcc -Os for the digits
-# models (benchmarks/mcu.py prints the real text size of each build); used only for planning.
-CODE_ESTIMATE = 16 * 1024
+# Flash reserved besides the model's constants, for planning: the model's own code (kernels and
+# lrcc_model_run: 6.6 KB for the large ViT of benchmarks/mcu.py with arm-none-eabi-gcc -Os) and
+# what every image carries around it (start-up, newlib-nano with printf, the application; the
+# benchmark's test harness image adds 24 KB including its test inputs). The ARM link with the
+# part's real sizes is the final check.
+CODE_ESTIMATE = 32 * 1024
 # Stack the generated code needs at most (kernels keep a few scalars; no recursion); measured
 # under QEMU by benchmarks/mcu.py and tests, which paint the stack before running.
 STACK_ESTIMATE = 1024
