@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +143,6 @@ def main() -> None:
     print(body)
     if not args.no_docs:
         write_section(ROOT / "docs" / "benchmarks.md", "mcu", "## Microcontroller (benchmarks/mcu.py)\n\n" + body)
-    _ = np
 
 
 if __name__ == "__main__":

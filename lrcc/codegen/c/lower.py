@@ -26,7 +26,7 @@ from .ranges import Ranges
 # ops that only re-view a contiguous tensor
 _RESHAPES = {"view", "_unsafe_view", "reshape", "flatten", "unsqueeze", "squeeze", "contiguous", "clone", "alias",
              "detach", "dropout", "lift_fresh_copy"}
-_SUPPORTED = sorted(_RESHAPES | {"transpose", "permute", "t", "relu", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean",
+_SUPPORTED = sorted(_RESHAPES | {"transpose", "permute", "relu", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean",
                                   "add", "gelu", "layer_norm", "softmax", "_softmax", "scaled_dot_product_attention",
                                   "conv2d"}) + ["linear", "lowrank_linear", "compressed_linear (int4 per channel)"]
 
@@ -211,10 +211,6 @@ class Lowering:
         prog = Program(self.tensors, self.ops, inp, out, self.aliases)
         if prog.storage(out) == prog.storage(inp):
             raise LrccError("C backend: the model's output is its input; nothing to compile")
-        if any(prog.storage(out) == prog.storage(i) for op in self.ops for i in op.inputs):
-            # the caller's output pointer is written once, by the last producer; a later reader of the
-            # same storage would need it in the arena: copy through a requant of scale 1
-            pass
         return prog
 
     # --- operators -----------------------------------------------------------------------------
@@ -458,9 +454,6 @@ class Lowering:
         perm = list(range(len(x.shape)))
         perm[d0 - 1], perm[d1 - 1] = perm[d1 - 1], perm[d0 - 1]
         self._permute(n, x, tuple(perm))
-
-    def lower_t(self, n: Node) -> None:
-        raise LrccError(f"C backend: {n.name}: t() on an activation is not supported")
 
     def lower_permute(self, n: Node) -> None:
         args = n.attrs["args"]

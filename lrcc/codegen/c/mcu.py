@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -177,10 +176,3 @@ def _unjson(v):
         return tuple(_unjson(x) for x in v["tuple"])
     return v
 
-
-def ram_bytes(c: CModel, stack: int = STACK_ESTIMATE) -> int:
-    return int(c.arena_bytes + stack)
-
-
-def total_bytes(shape) -> int:
-    return int(math.prod(shape))

@@ -45,7 +45,7 @@ def check_c(prog: Program, inputs: np.ndarray, board: str | None = "stm32f746", 
     """Build and run the program's C on int8 `inputs` (n, input size): on the host (ASan + UBSan)
     and, with a board, for it under QEMU. Raises LrccError when a build or run fails."""
     rows = np.asarray(inputs, dtype=np.int8).reshape(len(inputs), -1)
-    ref = np.stack([run_program(prog, r) .reshape(-1) for r in rows])
+    ref = np.stack([run_program(prog, r).reshape(-1) for r in rows])
     c = write_c(prog, strategy)
     out = CCheck(ref, arena_bytes=c.arena_bytes, const_bytes=c.const_bytes)
     n_out = prog.tensors[prog.output].size

@@ -68,7 +68,9 @@ def _sym(text: str) -> str:
 
 
 def _float_literal(v: float) -> str:
-    return f"{float(v):.9g}f" if "e" in f"{float(v):.9g}" or "." in f"{float(v):.9g}" else f"{float(v):.1f}f"
+    """A C float literal that reads back as the same float32 (9 significant digits)."""
+    text = f"{float(v):.9g}"
+    return f"{text}f" if ("." in text or "e" in text) else f"{text}.0f"
 
 
 def write_c(prog: Program, strategy: str = "lrcc") -> CModel:
