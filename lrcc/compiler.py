@@ -320,10 +320,10 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     notes += result.notes
     new = result.graph
 
-    program = c_model = None
+    program = None
     if mcu:
         from .codegen.c.mcu import build_program
-        program, c_model, mcu_totals, mcu_notes, arena = build_program(new, fit, dims, tgt, bud, say)
+        program, _, mcu_totals, mcu_notes, arena = build_program(new, fit, dims, tgt, bud, say)
         notes += mcu_notes
         from .codegen.c.execute import ProgramModule
         compiled = ProgramModule(program, program.tensors[program.output].shape)

@@ -154,21 +154,43 @@ class Conv2d:
 
 
 # --------------------------------------------------------------------------------------------
+def _pool_geometry(what: str, x_shape: Sequence[int], kernel, stride, pad) -> dict:
+    """The attrs a pool's window walk needs (c, h, w, kernel, stride, pad, oh, ow) for x of shape
+    (C, H, W): kernel and stride (default: the kernel) ints or pairs, pad an int, (h, w) or
+    [top, left, bottom, right]; output sizes floor like torch."""
+    if len(x_shape) != 3:
+        raise LrccError(f"C backend: {what}: input of shape {tuple(x_shape)}; expected (C, H, W)")
+    c, h, w = (int(s) for s in x_shape)
+    kh, kw = _pair(kernel, f"{what}: kernel")
+    sh, sw = _pair(kernel if stride is None or stride == [] else stride, f"{what}: stride")
+    top, left, bottom, right = _pads(pad, f"{what}: padding")
+    if min(kh, kw, sh, sw) < 1:
+        raise LrccError(f"C backend: {what}: kernel {kernel!r} and stride {stride!r} must be positive")
+    oh, ow = _out_size(h, kh, top, bottom, sh), _out_size(w, kw, left, right, sw)
+    if oh < 1 or ow < 1:
+        raise LrccError(f"C backend: {what}: empty output from input {h}x{w} and kernel {kh}x{kw}")
+    return {"c": c, "h": h, "w": w, "kernel": [kh, kw], "stride": [sh, sw], "pad": [top, left, bottom, right],
+            "oh": int(oh), "ow": int(ow)}
+
+
+def _pool_windows(a: dict, x: np.ndarray, fill: int) -> np.ndarray:
+    """x's pooling windows, (C, OH, OW, KH, KW), padding filled with `fill`."""
+    c, h, w = int(a["c"]), int(a["h"]), int(a["w"])
+    kh, kw = (int(v) for v in a["kernel"])
+    sh, sw = (int(v) for v in a["stride"])
+    top, left, bottom, right = (int(v) for v in a["pad"])
+    xp = np.pad(x.reshape(c, h, w), ((0, 0), (top, bottom), (left, right)), constant_values=fill)
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
+    return win[:, :int(a["oh"]), :int(a["ow"])]
+
+
 @kernel("maxpool2d")
 class MaxPool2d:
     template = "maxpool2d.c.j2"
 
     @staticmethod
     def reference(op: Op, xs: list[np.ndarray]) -> np.ndarray:
-        a = op.attrs
-        c, h, w = int(a["c"]), int(a["h"]), int(a["w"])
-        kh, kw = (int(v) for v in a["kernel"])
-        sh, sw = (int(v) for v in a["stride"])
-        top, left, bottom, right = (int(v) for v in a["pad"])
-        oh, ow = int(a["oh"]), int(a["ow"])
-        xp = np.pad(xs[0].reshape(c, h, w), ((0, 0), (top, bottom), (left, right)), constant_values=-128)
-        win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(1, 2))[:, ::sh, ::sw][:, :oh, :ow]
-        return win.max(axis=(3, 4)).astype(np.int8)
+        return _pool_windows(op.attrs, xs[0], -128).max(axis=(3, 4)).astype(np.int8)
 
     @staticmethod
     def call(op: Op, ins: list[str], out: str, scratch: str, sym: Callable[[str], str]) -> str:
@@ -183,20 +205,9 @@ class MaxPool2d:
               pad=(0, 0, 0, 0)) -> Op:
         """A max pool over x of shape (C, H, W): `kernel` and `stride` (default: the kernel) ints
         or pairs, `pad` an int, (h, w) or [top, left, bottom, right]; output sizes floor like torch."""
-        if len(x_shape) != 3:
-            raise LrccError(f"C backend: max pool {name}: input of shape {tuple(x_shape)}; expected (C, H, W)")
-        c, h, w = (int(s) for s in x_shape)
-        kh, kw = _pair(kernel, f"max pool {name}: kernel")
-        sh, sw = _pair(kernel if stride is None or stride == [] else stride, f"max pool {name}: stride")
-        top, left, bottom, right = _pads(pad, f"max pool {name}: padding")
-        if min(kh, kw, sh, sw) < 1:
-            raise LrccError(f"C backend: max pool {name}: kernel {kernel!r} and stride {stride!r} must be positive")
-        oh, ow = _out_size(h, kh, top, bottom, sh), _out_size(w, kw, left, right, sw)
-        if oh < 1 or ow < 1:
-            raise LrccError(f"C backend: max pool {name}: empty output from input {h}x{w} and kernel {kh}x{kw}")
+        attrs = _pool_geometry(f"max pool {name}", x_shape, kernel, stride, pad)
         zp = int(x_q[1])
-        attrs = {"c": c, "h": h, "w": w, "kernel": [kh, kw], "stride": [sh, sw], "pad": [top, left, bottom, right],
-                 "oh": int(oh), "ow": int(ow), "x_zp": zp, "y_zp": zp}
+        attrs.update(x_zp=zp, y_zp=zp)
         return Op("maxpool2d", name, [], "", attrs)
 
 
@@ -382,12 +393,7 @@ class AvgPool2d:
     @staticmethod
     def reference(op: Op, xs: list[np.ndarray]) -> np.ndarray:
         a = op.attrs
-        c, h, w = int(a["c"]), int(a["h"]), int(a["w"])
-        kh, kw = (int(v) for v in a["kernel"])
-        sh, sw = (int(v) for v in a["stride"])
-        oh, ow = int(a["oh"]), int(a["ow"])
-        x = xs[0].reshape(c, h, w).astype(np.int64) - int(a["x_zp"])
-        win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw][:, :oh, :ow]
+        win = _pool_windows(a, xs[0].astype(np.int64) - int(a["x_zp"]), 0)
         y = int(a["y_zp"]) + fx.requantize(win.sum(axis=(3, 4)), int(a["mult"]), int(a["shift"]))
         return fx.sat8(y)
 
@@ -404,18 +410,9 @@ class AvgPool2d:
     def build(name: str, x_shape: Sequence[int], x_q: tuple[float, int], y_q: tuple[float, int], kernel,
               stride=None) -> Op:
         """An average pool over x of shape (C, H, W) without padding; output sizes floor like torch."""
-        if len(x_shape) != 3:
-            raise LrccError(f"C backend: avg pool {name}: input of shape {tuple(x_shape)}; expected (C, H, W)")
-        c, h, w = (int(s) for s in x_shape)
-        kh, kw = _pair(kernel, f"avg pool {name}: kernel")
-        sh, sw = _pair(kernel if stride is None or stride == [] else stride, f"avg pool {name}: stride")
-        if min(kh, kw, sh, sw) < 1:
-            raise LrccError(f"C backend: avg pool {name}: kernel {kernel!r} and stride {stride!r} must be positive")
-        oh, ow = _out_size(h, kh, 0, 0, sh), _out_size(w, kw, 0, 0, sw)
-        if oh < 1 or ow < 1:
-            raise LrccError(f"C backend: avg pool {name}: empty output from input {h}x{w} and kernel {kh}x{kw}")
+        attrs = _pool_geometry(f"avg pool {name}", x_shape, kernel, stride, 0)
+        kh, kw = attrs["kernel"]
         (xs, xz), (ys, yz) = x_q, y_q
         mult, shift = fx.quantize_multiplier(xs / (ys * kh * kw), f"avg pool {name}: requantisation")
-        attrs = {"c": c, "h": h, "w": w, "kernel": [kh, kw], "stride": [sh, sw], "oh": int(oh), "ow": int(ow),
-                 "x_zp": int(xz), "y_zp": int(yz), "mult": int(mult), "shift": int(shift)}
+        attrs.update(x_zp=int(xz), y_zp=int(yz), mult=int(mult), shift=int(shift))
         return Op("avgpool2d", name, [], "", attrs)
