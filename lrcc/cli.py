@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write OUT/report.html and OUT/pareto.png (default: yes)")
     r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    w = sub.add_parser("worker", help="serve factorisation jobs for a compile_blockwise driver on another machine",
+                       description="Join the driver's torch.distributed group at INIT as RANK of WORLD_SIZE (the "
+                                   "driver is rank 0) and run factorisation jobs until the driver finishes.")
+    w.add_argument("--init", required=True, metavar="INIT", help="the driver's address, tcp://HOST:PORT")
+    w.add_argument("--rank", type=int, required=True, help="this worker's rank, 1 .. world size - 1")
+    w.add_argument("--world-size", type=int, required=True, help="the number of workers + 1")
+    w.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     t = sub.add_parser("targets", help="list the targets lrcc knows")
     t.add_argument("--json", action="store_true")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -181,11 +189,22 @@ def _targets(args) -> int:
     return EXIT_OK
 
 
+def _worker(args) -> int:
+    from .errors import LrccError
+    from .planner.workers import worker_main
+    if not 1 <= args.rank < args.world_size:
+        raise LrccError(f"worker --rank {args.rank}: must be between 1 and --world-size - 1 = {args.world_size - 1}")
+    if not args.init.startswith("tcp://"):
+        raise LrccError(f"worker --init {args.init!r}: expected the driver's address as tcp://HOST:PORT")
+    worker_main(args.init, args.rank, args.world_size)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .errors import LrccError
     try:
-        return {"compile": _compile, "report": _report, "targets": _targets}[args.command](args)
+        return {"compile": _compile, "report": _report, "targets": _targets, "worker": _worker}[args.command](args)
     except LrccError as e:
         if args.debug:
             traceback.print_exc()

@@ -207,3 +207,21 @@ def test_peak_memory_grows_with_a_block_not_the_model(tmp_path):
     model = 4 * cfg.params()
     assert grown <= 2 * (block + acts), (grown, block, model)
     assert grown < model / 3
+
+
+def test_workers_started_elsewhere_join_by_address(setup, tmp_path):
+    """The multi-machine path: a worker started on its own (`lrcc worker`) joins the driver's
+    address; the result is the same as in process."""
+    from lrcc.planner.workers import free_port
+    d, ck, cal, _, _ = setup
+    init = f"tcp://127.0.0.1:{free_port()}"
+    worker = subprocess.Popen([sys.executable, "-m", "lrcc.cli", "worker", "--init", init, "--rank", "1",
+                               "--world-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lrcc.compile_blockwise(D.build(CFG, seed=None), cal, tmp_path / "ext", budget=0.5, checkpoint=ck, workers=1,
+                               init_method=init)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert _same_files(d / "mem", tmp_path / "ext") == []
