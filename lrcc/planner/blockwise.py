@@ -532,7 +532,7 @@ def compile_blockwise(model: nn.Module, calibration: Iterable[tuple], out: str |
                     w = source.read([key])[key]
                     u = res.basis[:, :r].contiguous().clone()
                     results[k] = None  # its full basis is no longer needed
-                    v = (u.double().T @ w.double()).float()
+                    v = u.T @ w.float()
                     del w
                     _set_submodule(block, name, LowRankLinear(v.contiguous(), u, bias))
                     ranks[prefix + name] = r

@@ -70,6 +70,24 @@ def _weight_of(job: FactorJob) -> torch.Tensor:
         return f.get_tensor(key)
 
 
+def _cholesky_f32(stat: torch.Tensor, what: str) -> torch.Tensor:
+    """The lower Cholesky factor of a PSD matrix, computed in float64 (damped by 1e-6 .. 1e-1 of its
+    mean diagonal until it succeeds) and returned in float32; in place, so n x n float64 twice at most."""
+    a = stat.double()
+    a += a.T.clone()
+    a *= 0.5
+    scale = float(a.diagonal().mean()) or 1.0
+    added = 0.0
+    for damp in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1):
+        a.diagonal().add_(damp * scale - added)
+        added = damp * scale
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            return chol.float()
+        del chol
+    raise LrccError(f"layer {what}: its input covariance is not positive definite even with damping")
+
+
 def run_job(job: FactorJob) -> FactorResult:
     """The output-space principal directions of W under its calibration inputs.
 
@@ -79,38 +97,41 @@ def run_job(job: FactorJob) -> FactorResult:
     leading eigenvectors of the output covariance C = W A W^T = Y^T Y.
     - m <= n: C (m x m) was summed from the layer's outputs; U = its eigenvectors.
     - m > n: the n x n problem M = L^T (W^T W) L = V S^2 V^T has C's nonzero eigenvalues, and
-      U = W L V S^{-1}. Directions with S below 1e-7 of the largest carry under 1e-14 of the
+      U = W L V S^{-1}. Directions with S below 1e-6 of the largest carry under 1e-12 of the
       energy and are dropped (set to zero) rather than amplified.
-    The m x n products run in float32, the k x k eigenproblem in float64.
+    Float32 throughout (the Cholesky factor in float64, then rounded): a float64 eigenproblem of
+    k = 4096 needs ~0.8 GB of workspace, float32 half, and the factors are stored in float32.
     """
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        stat = job.stat.double()  # a copy: the job's own statistics stay as they are
-        stat += stat.T.clone()
-        stat *= 0.5
         r = job.max_rank
         if job.side == "out":
+            stat = job.stat.float().clone()  # a copy: the job's own statistics stay as they are
+            stat += stat.T.clone()
+            stat *= 0.5
             lam, vec = torch.linalg.eigh(stat)
             del stat
             lam = lam.flip(0)
             basis = vec[:, vec.shape[1] - r:].flip(1)  # the leading r, largest first (eigh sorts ascending)
         elif job.side == "in":
-            from ..rewrites.low_rank import _cholesky
             w = _weight_of(job).float()
-            chol = _cholesky(stat, job.site)
-            del stat
-            gram = (w.T @ w).double()
-            lam, vec = torch.linalg.eigh(chol.T @ gram @ chol)
+            chol = _cholesky_f32(job.stat, job.site)
+            gram = w.T @ w
+            m_mat = chol.T @ gram @ chol
             del gram
+            m_mat += m_mat.T.clone()
+            m_mat *= 0.5
+            lam, vec = torch.linalg.eigh(m_mat)
+            del m_mat
             lam = lam.flip(0).clamp_min(0)
             top = vec[:, vec.shape[1] - r:].flip(1)
             del vec
             s = lam[:r].sqrt()
-            live = s > (float(s[0]) * 1e-7 if s.numel() else 0.0)
-            inv = torch.where(live, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
-            basis = w @ (chol @ top * inv).float()
+            live = s > (float(s[0]) * 1e-6 if s.numel() else 0.0)
+            inv = torch.where(live, 1.0 / s.clamp_min(1e-30), torch.zeros_like(s))
+            basis = w @ (chol @ top * inv)
         else:
             raise LrccError(f"layer {job.site}: unknown statistics side {job.side!r}")
         lam = lam.clamp_min(0)
