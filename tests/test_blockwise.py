@@ -128,12 +128,11 @@ def test_job_factors_match_whitened_svd():
     """run_job's U_r U_r^T W is the activation-aware optimum trunc_r(W L) L^-1 on both sides."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(400, 24, generator=gen) @ torch.randn(24, 24, generator=gen)
-    for m, n in ((16, 24), (40, 24)):
+    for m, n, side in ((16, 24, "out"), (16, 24, "in"), (24, 24, "in"), (40, 24, "in")):
         w = torch.randn(m, n, generator=gen)
         y = x @ w.T
-        side = "out" if m <= n else "in"
         stat = (y.T @ y) if side == "out" else (x.T @ x)
-        res = run_job(FactorJob("t", side, stat, max_rank=8, weight=w))
+        res = run_job(FactorJob("t", side, stat, 8, (m, n), weight=w))
         a = (x.T @ x).double()
         chol = torch.linalg.cholesky(a)
         u, s, vh = torch.linalg.svd(w.double() @ chol)

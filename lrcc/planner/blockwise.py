@@ -8,8 +8,8 @@ the calibration activations, not with the model:
                states and the other arguments: masks, positions);
   2. for each block, streamed from the checkpoint (safetensors) and released after:
      a. statistics: run the original block on the compressed model's hidden states, summing for
-        every linear layer its output covariance C = Y^T Y (m <= n) or its input covariance
-        A = X^T X (m > n), whichever is smaller;
+        every linear layer its input covariance A = X^T X (shared by layers fed one tensor, and
+        for m > n) or else its output covariance C = Y^T Y;
      b. factorise: one job per layer (lrcc.planner.workers: in this process or on torch.distributed
         workers), giving each layer's output-space spectrum and leading directions;
      c. allocate: the block's ranks by the exact multiple-choice knapsack of lrcc.planner.solve:
@@ -363,6 +363,17 @@ class BlockwiseResult:
         return load_blockwise(model, self.path)
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim): a block's worth of freed
+    tensors below malloc's mmap threshold otherwise stays resident and the footprint creeps up
+    block after block. A no-op where the C library has no malloc_trim."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux reports kilobytes)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -499,10 +510,11 @@ def compile_blockwise(model: nn.Module, calibration: Iterable[tuple], out: str |
                 m, n = mod.weight.shape
                 key = prefix + name + ".weight"
                 f = source.file_of(key)
-                jobs.append(FactorJob(prefix + name, sides[name], stats[name], _max_rank(m, n, rank_step),
+                jobs.append(FactorJob(prefix + name, sides[name], stats[name], _max_rank(m, n, rank_step), (m, n),
                                       weight=None if f else mod.weight.detach(), source=(f, key) if f else None))
             del stats
             release(block)  # jobs read their weights from the source; nothing of the block stays resident
+            trim_heap()
             t_stats += time.perf_counter() - t0
 
             # 2b. factorise
@@ -549,6 +561,7 @@ def compile_blockwise(model: nn.Module, calibration: Iterable[tuple], out: str |
             index.update({k: shard for k in tensors})
             del tensors
             release(block)
+            trim_heap()
             t_apply += time.perf_counter() - t0
             if say:
                 say(f"{blocks_name}[{i}] done: {sum(1 for n, _ in sites if chosen[n] is not None)}/{len(sites)} layers "
@@ -627,27 +640,41 @@ def _sites(block: nn.Module, prefix: str, step: int) -> list[tuple[str, nn.Linea
 
 
 def _statistics(block: nn.Module, sites, fit_in, fit_h) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Per layer: the covariance of its outputs (m <= n) or inputs (m > n), summed over the batches
-    (float32 sums of float32 products; layers fed one tensor share its input covariance)."""
-    stats: dict[str, torch.Tensor] = {}
-    sides: dict[str, str] = {}
-    shared: dict[int, str] = {}
-    hooks = []
+    """Per layer, summed over the batches (float32 sums of float32 products): the covariance of
+    its inputs A ("in": layers fed one tensor, e.g. q, k, v, share one sum; and every layer with
+    m > n), else of its outputs C ("out": m <= n, input not shared). One n x n or m x m matrix per
+    distinct input or layer, the smaller where there is a choice."""
+    # which layers share an input tensor: one forward of the first batch, recording identities
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [mod.register_forward_hook(lambda module, args, output, name=name: seen.__setitem__(name, args[0]))
+             for name, mod in sites]
+    try:
+        with torch.no_grad():
+            h, (_, rest, kw) = fit_h[0], fit_in[0]
+            _call_block(block, h, rest, kw)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    shared_input = {name for name in seen if any(o != name and seen[o] is seen[name] for o in seen)}
+    del seen
 
-    def make(name: str, mod: nn.Linear):
-        m, n = mod.weight.shape
-        side = "out" if m <= n else "in"
-        sides[name] = side
+    stats: dict[str, torch.Tensor] = {}
+    sides = {name: "in" if (mod.weight.shape[0] > mod.weight.shape[1] or name in shared_input) else "out"
+             for name, mod in sites}
+    owner_of: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def make(name: str):
+        side = sides[name]
 
         def hook(module, args, output):
             if side == "in":
                 x = args[0].detach()
-                owner = shared.get(id(x))
+                owner = owner_of.get(id(x))
                 if owner is not None and owner[1] is x:
                     if owner[0] != name:
                         stats[name] = stats[owner[0]]  # the same input tensor: the same sums (q, k, v)
                     return
-                shared[id(x)] = (name, x)  # the reference keeps x alive, so its id is not reused
+                owner_of[id(x)] = (name, x)  # the reference keeps x alive, so its id is not reused
                 rows = x.reshape(-1, x.shape[-1]).float()
             else:
                 y = output.detach()
@@ -664,14 +691,13 @@ def _statistics(block: nn.Module, sites, fit_in, fit_h) -> tuple[dict[str, torch
                 stats[name] = acc
         return hook
 
-    for name, mod in sites:
-        hooks.append(mod.register_forward_hook(make(name, mod)))
+    hooks = [mod.register_forward_hook(make(name)) for name, mod in sites]
     try:
         with torch.no_grad():
             for h, (_, rest, kw) in zip(fit_h, fit_in):
-                shared.clear()
+                owner_of.clear()
                 _call_block(block, h, rest, kw)
-            shared.clear()
+            owner_of.clear()
     finally:
         for hk in hooks:
             hk.remove()

@@ -27,22 +27,23 @@ from ..errors import LrccError
 
 @dataclass
 class FactorJob:
-    """One linear layer to factorise. side "out" (m <= n): stat is the output covariance
-    C = sum y y^T (m x m, y = W x); side "in" (m > n): stat is the input covariance A = sum x x^T
-    (n x n). So the k x k eigenproblem has k = min(m, n). weight is the m x n weight, or None with
+    """One linear layer to factorise. side "out": stat is the output covariance C = sum y y^T
+    (m x m, y = W x); side "in": stat is the input covariance A = sum x x^T (n x n), and the job
+    forms the smaller eigenproblem from it (C = W A W^T when m <= n). So it is k x k, k = min(m, n). weight is the m x n weight, or None with
     (checkpoint file, key) to read it from (workers read weights themselves, not over the wire)."""
 
     site: str
     side: str
     stat: torch.Tensor
     max_rank: int
+    shape: tuple[int, int]  # the weight's (m, n)
     weight: torch.Tensor | None = None
     source: tuple[str, str] | None = None
 
     def cost(self) -> float:
         """Relative run time, for handing out the largest jobs first: the k x k eigenproblem, and
         for side "in" the products with W around it."""
-        k = self.stat.shape[0]
+        k = min(self.shape)
         return float(k) ** 3 * (1.6 if self.side == "in" else 1.0)
 
 
@@ -95,7 +96,7 @@ def run_job(job: FactorJob) -> FactorResult:
     for inputs X with A = X^T X = L L^T, the best rank-r W' in ||X (W - W')^T||_F is
     trunc_r(W L) L^{-1} = U_r U_r^T W, with U_r the leading left singular vectors of W L, i.e. the
     leading eigenvectors of the output covariance C = W A W^T = Y^T Y.
-    - m <= n: C (m x m) was summed from the layer's outputs; U = its eigenvectors.
+    - m <= n: C (m x m), summed from the layer's outputs or formed as W A W^T; U = its eigenvectors.
     - m > n: the n x n problem M = L^T (W^T W) L = V S^2 V^T has C's nonzero eigenvalues, and
       U = W L V S^{-1}. Directions with S below 1e-6 of the largest carry under 1e-12 of the
       energy and are dropped (set to zero) rather than amplified.
@@ -115,6 +116,17 @@ def run_job(job: FactorJob) -> FactorResult:
             del stat
             lam = lam.flip(0)
             basis = vec[:, vec.shape[1] - r:].flip(1)  # the leading r, largest first (eigh sorts ascending)
+        elif job.side == "in" and job.shape[0] <= job.shape[1]:
+            # a layer sharing its input (q, k, v): C = W A W^T, then as "out"
+            w = _weight_of(job).float()
+            stat = w @ job.stat.float() @ w.T
+            del w
+            stat += stat.T.clone()
+            stat *= 0.5
+            lam, vec = torch.linalg.eigh(stat)
+            del stat
+            lam = lam.flip(0)
+            basis = vec[:, vec.shape[1] - r:].flip(1)
         elif job.side == "in":
             w = _weight_of(job).float()
             chol = _cholesky_f32(job.stat, job.site)
