@@ -15,6 +15,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import ImportError_, LrccError
+from .attention import normalize_attention
 from .graph import Graph, Node, Ref, refs_in, verify
 from .targets import target_name
 
@@ -228,8 +229,12 @@ def _is_param_linear(g: Graph, args, kwargs) -> bool:
     return w.dim() == 2 and w.dtype.is_floating_point
 
 
-def import_module(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=None) -> tuple[Graph, list[str]]:
-    """Import a torch module: returns the IR graph and notes on how it was exported."""
+def import_module(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=None, *,
+                  normalize: bool = True) -> tuple[Graph, list[str]]:
+    """Import a torch module: returns the IR graph and notes on how it was exported.
+
+    normalize=True (the default) rewrites every attention into the canonical form
+    (lrcc.ir.attention.normalize_attention); False gives the graph exactly as exported."""
     if not isinstance(model, torch.nn.Module):
         raise LrccError(f"expected a torch.nn.Module or a path to an .onnx file, got {type(model).__name__}")
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
@@ -243,4 +248,8 @@ def import_module(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=
         ep, notes = export_model(model, tuple(example_inputs), dynamic_shapes)
     finally:
         model.train(was_training)
-    return import_exported(ep), notes
+    g = import_exported(ep)
+    if normalize:
+        normalize_attention(g)
+        verify(g)
+    return g, notes
