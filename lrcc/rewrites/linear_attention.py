@@ -2,7 +2,11 @@
 
 Each function computes non-causal multi-head attention of q, k: [B, H, L, d], v: [B, H, L, dv]
 with an optional key padding mask [B, L] (True = attend), the same contract as
-``F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])``.
+``F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])``. Rows of queries
+whose keys are all padding come out as zeros.
+
+Every form except ``exact_attention`` runs in memory linear in L: no L x L tensor is formed (the
+sparse parts work on blocks of CHUNK queries at a time, the low-rank parts keep an m x dv state).
 
 Laws:
 - Linear attention (Katharopoulos et al. 2020, arXiv:2006.16236): with a feature map phi,
@@ -12,27 +16,46 @@ Laws:
   drawn orthogonal Gaussian, phi(x)_r = exp(w_r . x' - |x'|^2 / 2) / sqrt(m) gives
   E[phi(q) . phi(k)] = exp(q . k / sqrt(d)): an unbiased, positive estimate of softmax's kernel.
 - Scatterbrain (Chen et al. 2021, arXiv:2110.15343): sparse + low-rank. On a sparse support S
-  (here a local window) use the exact exp(q . k) minus the low-rank estimate, elsewhere the
-  low-rank estimate, so the support is not counted twice: on S the result is exact, off S it is
-  Performer's. Numerator and normaliser are accumulated on a per-query scale exp(-c_i), c_i the
-  largest log-term of row i, so nothing overflows (the normaliser in log space).
+  use the exact exp(q . k) minus the low-rank estimate, elsewhere the low-rank estimate, so the
+  support is not counted twice: on S the result is exact, off S it is Performer's. The paper
+  finds S by LSH; here S is a local window plus a few global keys per sequence, head and cluster
+  of queries (below). Numerator and normaliser are accumulated on a per-query scale exp(-c_i),
+  c_i the larger of the row's largest exact score on S and the log of the row's low-rank total,
+  with phi(k) shifted per feature and phi(q) per query so that each has a largest entry of 1:
+  nothing overflows and the low-rank total is never below its scale (the normaliser in log space).
+- Global keys (as Longformer's and BigBird's global tokens, but chosen per sequence and head at
+  run time): the queries are grouped by a few Lloyd iterations of k-means (as the Routing
+  Transformer routes them, Roy et al. 2021, arXiv:2003.05997), and each group's global keys are
+  the keys with the largest score against its centroid qbar. By Jensen,
+  log mean_{i in group} exp(q_i . k_j / sqrt(d)) >= qbar . k_j / sqrt(d): the ranking is by a
+  lower bound of a key's mean unnormalised attention from that group. One group ranks by the mean
+  query. Choosing costs O(L d clusters (iterations + 1)) time and O(L + clusters n) memory.
+- Linformer (Wang et al. 2020, arXiv:2006.04768): softmax(q (E K)^T) (F V) with E, F: n x L,
+  attention over n projected keys, O(L n). Post-training we fit E = F = segment averaging
+  (row s of E averages the keys of a contiguous segment of positions) with a log(count) logit
+  term, so that segments of one position are exact and n = L is exact attention. The segment
+  boundaries are fitted on calibration sequences by dynamic programming to minimise the
+  within-segment scatter of the keys as the queries see them, sum_j (k_j - kbar)^T C_q
+  (k_j - kbar) / d with C_q the queries' second moment: the second-order Jensen gap between
+  log sum_j exp(q . k_j / sqrt(d)) and log n + q . kbar / sqrt(d). Keys with zero scatter in a
+  segment make the pooling exact (both the normaliser and the average of the values).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import LrccError
 
 
 def orthogonal_features(d: int, m: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """m x d random features: blocks of orthonormal rows (QR of Gaussians), each row rescaled to
     the norm of a Gaussian vector (FAVOR+'s orthogonal random features)."""
-    blocks = []
-    for _ in range(math.ceil(m / d)):
-        q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
-        blocks.append(q.t())
-    w = torch.cat(blocks)[:m]
+    q, _ = torch.linalg.qr(torch.randn(math.ceil(m / d), d, d, generator=generator, dtype=torch.float64))
+    w = q.transpose(-1, -2).reshape(-1, d)[:m]
     norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1, keepdim=True)
     return (w * norms).float()
 
@@ -43,21 +66,25 @@ def _log_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return xs @ w.t().to(xs) - 0.5 * (xs * xs).sum(-1, keepdim=True)
 
 
-def _key_mask(mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
+def _valid_keys(mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L] bool, True where a key may be attended."""
     if mask is None:
-        return torch.ones(k.shape[0], 1, k.shape[2], 1, dtype=torch.bool, device=k.device)
-    return mask[:, None, :, None].to(torch.bool)
+        return torch.ones(k.shape[0], 1, k.shape[2], dtype=torch.bool, device=k.device)
+    if mask.shape != (k.shape[0], k.shape[2]):
+        raise LrccError(f"attention: key padding mask is {tuple(mask.shape)}, expected [B, L] = "
+                        f"{[k.shape[0], k.shape[2]]}")
+    return mask[:, None, :].to(torch.bool)
 
 
 def exact_attention(q, k, v, mask=None):
-    """Softmax attention (the reference)."""
+    """Softmax attention (the reference; forms the L x L scores)."""
     attn = None if mask is None else mask[:, None, None, :].to(torch.bool)
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn)
 
 
 def elu_attention(q, k, v, mask=None, eps: float = 1e-6):
     """Linear attention with phi = elu + 1, O(L)."""
-    km = _key_mask(mask, k)
+    km = _valid_keys(mask, k)[..., None]
     fq, fk = F.elu(q.float()) + 1, (F.elu(k.float()) + 1) * km
     kv = fk.transpose(-1, -2) @ v.float()
     z = fk.sum(-2)
@@ -66,62 +93,234 @@ def elu_attention(q, k, v, mask=None, eps: float = 1e-6):
 
 def performer_attention(q, k, v, w: torch.Tensor, mask=None):
     """FAVOR+ with the random features w (m x d), O(L m)."""
-    return scatterbrain_attention(q, k, v, w, window=0, mask=mask)
+    return _sparse_plus_low_rank(q, k, v, mask, None, 0, 1, w=w)
 
 
-def local_attention(q, k, v, window: int, mask=None):
-    """Exact softmax restricted to keys within `window` positions of the query, O(L window)."""
-    return _windowed(q, k, v, window, mask, w=None)
+def local_attention(q, k, v, window: int | None, mask=None, global_keys: int = 0, clusters: int = 1):
+    """Exact softmax restricted to keys within `window` positions of the query (2 window + 1 keys;
+    None for no window) plus `global_keys` keys per cluster of queries (select_global_keys);
+    O(L (window + global_keys))."""
+    return _sparse_plus_low_rank(q, k, v, mask, window, global_keys, clusters, w=None)
 
 
-def scatterbrain_attention(q, k, v, w: torch.Tensor, window: int, mask=None):
-    """Local window (exact) + FAVOR+ low-rank elsewhere, the window not counted twice."""
-    return _windowed(q, k, v, window, mask, w=w)
+def scatterbrain_attention(q, k, v, w: torch.Tensor, window: int | None, mask=None, global_keys: int = 0,
+                           clusters: int = 1):
+    """Sparse support (local window of radius `window`, None for none, plus `global_keys` keys per
+    cluster of queries) exact, FAVOR+ low-rank with the features w elsewhere, the support not
+    counted twice."""
+    return _sparse_plus_low_rank(q, k, v, mask, window, global_keys, clusters, w=w)
 
 
-CHUNK = 128  # queries per block of the windowed part: memory O(L (CHUNK + 2 window)), linear in L
+def select_global_keys(q, k, n: int, mask=None, clusters: int = 1, iterations: int = 2):
+    """Global keys per cluster of queries: ([B, H, clusters, n] key indices, [B, H, L] each
+    query's cluster). Queries are clustered by `iterations` Lloyd steps of k-means (assign each
+    query to the nearest centroid, move each centroid to the mean of its unpadded queries) started
+    from evenly spaced queries; a cluster's keys are the n with the largest score against its
+    centroid, padded keys last (they are never attended)."""
+    if clusters < 1 or iterations < 1:
+        raise LrccError(f"select_global_keys: need clusters >= 1 and iterations >= 1, got {clusters}, {iterations}")
+    L = q.shape[2]
+    valid = _valid_keys(mask, k)  # [B, 1, L]
+    qf, weights = q.float(), valid[..., None].float()
+    clusters = min(clusters, L)
+    centroids = qf[:, :, torch.linspace(0, L - 1, clusters).round().long()]  # [B, H, c, d]
+    for _ in range(iterations):
+        dist = (centroids * centroids).sum(-1)[..., None, :] - 2 * qf @ centroids.transpose(-1, -2)  # - |q|^2
+        assign = dist.argmin(-1)  # [B, H, L]
+        member = F.one_hot(assign, clusters).float() * weights  # [B, H, L, c]
+        count = member.sum(-2)[..., None]
+        centroids = torch.where(count > 0, member.transpose(-1, -2) @ qf / count.clamp(min=1), centroids)
+    score = (centroids @ k.float().transpose(-1, -2)).masked_fill(~valid[:, :, None, :], float("-inf"))
+    return score.topk(min(n, L), dim=-1).indices, assign
 
 
-def _windowed(q, k, v, window: int, mask, w: torch.Tensor | None):
+class ScatterbrainBudget(NamedTuple):
+    window: int  # radius: 2 window + 1 keys
+    global_keys: int  # per cluster of queries
+    clusters: int
+    features: int
+
+
+def split_budget(budget: int, sparse_share: float = 0.75) -> ScatterbrainBudget:
+    """Scatterbrain's shape for `budget` entries per query: about sparse_share of them exact keys
+    (2 window + 1 window keys and the global keys, about half and half), the rest random
+    features; keys + features = budget exactly. Queries fall into budget / 8 clusters, so that
+    choosing the global keys (two k-means steps and the centroids' scores: 3 dot products per
+    cluster and query) costs about 3 budget / 8 head-size dot products per query, against the
+    budget's 1 to 2 per entry."""
+    sparse = max(1, min(budget, round(budget * sparse_share)))
+    radius = sparse // 4
+    return ScatterbrainBudget(radius, sparse - (2 * radius + 1), max(1, budget // 8), budget - sparse)
+
+
+CHUNK = 128  # queries per block of the sparse part: memory O(L (CHUNK + 2 window + global + m)), linear in L
+
+
+def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, clusters: int,
+                          w: torch.Tensor | None):
+    """Shared body: exact scores on the support (window and global keys), FAVOR+ off it (if w)."""
+    if window is not None and window < 0:
+        raise LrccError(f"attention: window must be >= 0 (or None for no window), got {window}")
+    if global_keys < 0:
+        raise LrccError(f"attention: global_keys must be >= 0, got {global_keys}")
     B, H, L, d = q.shape
     qf, kf, vf = q.float(), k.float(), v.float()
-    km = _key_mask(mask, k)  # [B, 1, L, 1]
-    num = torch.zeros(B, H, L, v.shape[-1], device=q.device)
-    den = torch.zeros(B, H, L, 1, device=q.device)
-    low_log = None
+    valid = _valid_keys(mask, k)  # [B, 1, L]
+    tiny = torch.finfo(torch.float32).tiny
     if w is not None:
         m = w.shape[0]
-        lq = _log_features(qf, w)  # [B, H, L, m]
-        lk = _log_features(kf, w).masked_fill(~km, float("-inf"))
-        a = lq.amax(-1, keepdim=True)  # per-query shift
-        b = lk.amax(dim=(-2, -1), keepdim=True)  # per-(batch, head) key shift
+        lk = _log_features(kf, w).masked_fill(~valid[..., None], float("-inf"))  # [B, H, L, m]
+        b = lk.amax(-2, keepdim=True)  # per-feature key shift: each feature's largest phi(k) becomes 1
+        b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
+        lq = _log_features(qf, w) + b  # the shift moves to the query side
+        a = lq.amax(-1, keepdim=True)  # per-query shift: each query's largest phi(q) becomes 1
         fq, fk = torch.exp(lq - a), torch.exp(lk - b)
-        low_log = a + b - math.log(m)  # log of the factor that phi(q) . phi(k) carries
-    c = low_log if low_log is not None else torch.zeros(B, H, L, 1, device=q.device)
-    blocks = []
-    if window > 0:
-        # the window's exact scores, block by block of queries; c_i = max(low-rank scale, window max)
-        for c0 in range(0, L, CHUNK):
-            c1 = min(L, c0 + CHUNK)
+        kv, z = fk.transpose(-1, -2) @ vf, fk.sum(-2)[..., None]  # [B, H, m, dv], [B, H, m, 1]
+        low_log = a - math.log(m)  # phi(q_i) . phi(k_j) = exp(low_log_i) fq_i . fk_j, [B, H, L, 1]
+    if global_keys > 0:
+        keys_of, cluster = select_global_keys(qf, kf, global_keys, mask, clusters)  # [B, H, c, g], [B, H, L]
+        g = keys_of.shape[-1]
+    out = torch.empty(B, H, L, vf.shape[-1], device=q.device)
+    step = CHUNK if window is not None or global_keys > 0 else L  # low-rank alone: O(L m) in one step
+    for c0 in range(0, L, step):
+        c1 = min(L, c0 + step)
+        rows = torch.arange(c0, c1, device=q.device)
+        qc = qf[:, :, c0:c1]
+        parts = []  # (keys, values, phi(keys) [B, H, R, .] shared by the block or [B, H, C, R, .] per query, support)
+        if window is not None:
             r0, r1 = max(0, c0 - window), min(L, c1 + window)
-            s_blk = qf[:, :, c0:c1] @ kf[:, :, r0:r1].transpose(-1, -2) / math.sqrt(d)  # [B, H, C, R]
-            off = torch.arange(r0, r1, device=q.device)[None, :] - torch.arange(c0, c1, device=q.device)[:, None]
-            band = (off.abs() <= window)[None, None] & km[:, :, r0:r1, 0][:, :, None, :]
-            s_blk = s_blk.masked_fill(~band, float("-inf"))
-            blocks.append((c0, c1, r0, r1, s_blk, band))
-            top = s_blk.amax(-1, keepdim=True)
-            c_blk = c[:, :, c0:c1]
-            c = c.clone() if c0 == 0 else c
-            c[:, :, c0:c1] = top if low_log is None else torch.maximum(c_blk, top)
+            off = torch.arange(r0, r1, device=q.device)[None, :] - rows[:, None]
+            sup = (off.abs() <= window)[None, None] & valid[:, :, None, r0:r1]  # [B, 1, C, R]
+            parts.append((kf[:, :, r0:r1], vf[:, :, r0:r1], fk[:, :, r0:r1] if w is not None else None, sup))
+        if global_keys > 0:  # the keys of each query's cluster
+            idx = keys_of.gather(2, cluster[:, :, c0:c1, None].expand(-1, -1, -1, g))  # [B, H, C, g]
+            sup = valid.expand(B, H, L).gather(-1, idx.flatten(2)).view_as(idx)
+            if window is not None:  # a global key inside the query's window is already there
+                sup = sup & ((idx - rows[None, None, :, None]).abs() > window)
+            parts.append((_rows(kf, idx), _rows(vf, idx), _rows(fk, idx) if w is not None else None, sup))
+        scores = [(_pairs(qc, keys) / math.sqrt(d)).masked_fill(~sup, float("-inf")) for keys, _, _, sup in parts]
+        c = torch.full((B, H, c1 - c0, 1), float("-inf"), device=q.device)
+        for s in scores:
+            c = torch.maximum(c, s.amax(-1, keepdim=True))
+        num = torch.zeros(B, H, c1 - c0, vf.shape[-1], device=q.device)
+        den = torch.zeros(B, H, c1 - c0, 1, device=q.device)
+        if w is not None:  # the row's low-rank total / exp(low_log): >= 1 (the feature where fq is 1 has a
+            low_den = fq[:, :, c0:c1] @ z  # key where fk is 1), or 0 when every key is padding
+            c = torch.maximum(c, torch.log(low_den) + low_log[:, :, c0:c1])
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    if w is not None:
-        scale = torch.exp(low_log - c)
-        num = num + scale * (fq @ (fk.transpose(-1, -2) @ vf))
-        den = den + scale * (fq @ fk.sum(-2)[..., None])
-    for c0, c1, r0, r1, s_blk, band in blocks:
-        e = torch.exp(s_blk - c[:, :, c0:c1])  # exact terms on the window, 0 off it
-        if w is not None:  # minus the low-rank estimate there: the window is not counted twice
-            e = e - scale[:, :, c0:c1] * (fq[:, :, c0:c1] @ fk[:, :, r0:r1].transpose(-1, -2)) * band
-        num[:, :, c0:c1] += e @ vf[:, :, r0:r1]
-        den[:, :, c0:c1] += e.sum(-1, keepdim=True)
-    return num / den.clamp(min=torch.finfo(torch.float32).tiny)
+        if w is not None:
+            scale = torch.where(low_den > 0, torch.exp(low_log[:, :, c0:c1] - c), torch.zeros_like(low_den))
+            num = num + scale * (fq[:, :, c0:c1] @ kv)
+            den = den + scale * low_den
+        for s, (_, values, fkeys, sup) in zip(scores, parts):
+            e = torch.exp(s - c)  # exact terms on the support, 0 off it
+            if w is not None:  # minus the low-rank estimate there: the support is not counted twice
+                e = e - scale * _pairs(fq[:, :, c0:c1], fkeys) * sup
+            num = num + _weigh(e, values)
+            den = den + e.sum(-1, keepdim=True)
+        out[:, :, c0:c1] = num / den.clamp(min=tiny)
+    return out
+
+
+def _pairs(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """a [B, H, C, e] . x, x [B, H, R, e] (the same rows for every query) or [B, H, C, R, e] (rows
+    per query): [B, H, C, R]."""
+    if x.dim() == 4:
+        return a @ x.transpose(-1, -2)
+    return (a[..., None, :] @ x.transpose(-1, -2))[..., 0, :]
+
+
+def _weigh(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_r e[.., r] x[.., r, :] with x laid out as in _pairs: [B, H, C, e]."""
+    if x.dim() == 4:
+        return e @ x
+    return (e[..., None, :] @ x)[..., 0, :]
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, e] at per-query indices idx [B, H, C, g]: [B, H, C, g, e]."""
+    B, H, C, g = idx.shape
+    flat = idx.reshape(B, H, C * g, 1).expand(-1, -1, -1, x.shape[-1])
+    return x.gather(2, flat).view(B, H, C, g, x.shape[-1])
+
+
+def fit_linformer_segments(q, k, n_segments: int, mask=None) -> torch.Tensor:
+    """Linformer projections fitted on calibration queries and keys q, k: [N, H, L, d] (N
+    sequences): [H, n_segments + 1] segment boundaries per head (0 first, L last), minimising the
+    within-segment key scatter as the queries see it (module docstring). Fitting costs O(L^2)
+    memory and O(n L^2) time per head, once; the attention itself is O(L n)."""
+    _, H, L, d = k.shape
+    if n_segments < 1:
+        raise LrccError(f"fit_linformer_segments: n_segments must be >= 1, got {n_segments}")
+    if q.shape[:3] != k.shape[:3]:
+        raise LrccError(f"fit_linformer_segments: q {tuple(q.shape)} and k {tuple(k.shape)} must share N, H, L")
+    if n_segments >= L:
+        return torch.arange(L + 1).expand(H, L + 1).clone()
+    valid = _valid_keys(mask, k)[:, 0].double()  # [N, L]
+    bounds = torch.empty(H, n_segments + 1, dtype=torch.long)
+    for h in range(H):
+        qh, kh = q[:, h].double(), k[:, h].double()
+        second = torch.einsum("nli,nlj,nl->ij", qh, qh, valid) / valid.sum().clamp(min=1)  # C_q
+        lam, U = torch.linalg.eigh(second)
+        x = kh @ (U * lam.clamp(min=0).sqrt()) / math.sqrt(d)  # |x_i - x_j|^2 = (k_i - k_j)^T C_q (k_i - k_j) / d
+        bounds[h] = _segment_dp(x, valid, n_segments)
+    return bounds
+
+
+def _segment_dp(x: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+    """Boundaries of the n contiguous segments of positions minimising the summed scatter of x
+    ([N, L, e], per sequence, over valid positions only)."""
+    N, L, _ = x.shape
+    zero = lambda t: torch.cat([torch.zeros_like(t[:, :1]), t], 1)  # noqa: E731
+    xm = x * valid[..., None]
+    p0 = zero(valid.cumsum(1))  # [N, L + 1] counts
+    p1 = zero((xm * x).sum(-1).cumsum(1))  # squared norms
+    p2 = zero(xm.cumsum(1))  # [N, L + 1, e] sums
+    cost = torch.zeros(L + 1, L + 1, dtype=torch.float64)  # cost[a, b]: one segment [a, b)
+    for i in range(N):
+        gram = p2[i] @ p2[i].t()
+        sq = gram.diagonal()
+        sum_sq = sq[:, None] + sq[None, :] - 2 * gram
+        count = (p0[i][None, :] - p0[i][:, None]).clamp(min=1)
+        cost += (p1[i][None, :] - p1[i][:, None]) - sum_sq / count
+    a, b = torch.meshgrid(torch.arange(L + 1), torch.arange(L + 1), indexing="ij")
+    cost = cost.clamp(min=0).masked_fill(a >= b, float("inf"))
+    best = cost[0].clone()  # best[b]: positions [0, b) in t segments
+    choice = torch.zeros(n + 1, L + 1, dtype=torch.long)
+    for t in range(2, n + 1):
+        total = best[:, None] + cost
+        best, choice[t] = total.min(0)
+    out = [L]
+    for t in range(n, 1, -1):
+        out.append(int(choice[t, out[-1]]))
+    out.append(0)
+    return torch.tensor(out[::-1])
+
+
+def linformer_attention(q, k, v, segments: torch.Tensor, mask=None):
+    """Linformer with E = F = segment averaging (fit_linformer_segments), O(L n): softmax over the
+    n segment-mean keys with a log(count) logit, averaged values; padded keys are left out of the
+    means and counts, so a segment of padding gets no attention."""
+    B, H, L, d = q.shape
+    bounds = segments if segments.dim() == 2 else segments.expand(H, -1)
+    if bounds.shape[0] != H:
+        raise LrccError(f"linformer_attention: segments are fitted for {bounds.shape[0]} heads, q has {H}")
+    if (bounds[:, 0] != 0).any() or (bounds[:, -1] != L).any():
+        raise LrccError(f"linformer_attention: the segments cover positions [0, {int(bounds[:, -1].max())}) but the "
+                        f"sequence has L={L}; Linformer's projections are for one fixed length: fit them "
+                        f"(fit_linformer_segments) on calibration sequences of length {L}, or pad to it with a mask")
+    n = bounds.shape[1] - 1
+    seg = torch.stack([torch.bucketize(torch.arange(L), bounds[h, 1:-1], right=True) for h in range(H)])
+    seg = seg.to(q.device)[None, :, :, None]  # [1, H, L, 1]
+    valid = _valid_keys(mask, k)[..., None].float()  # [B, 1, L, 1]
+    kf, vf = k.float() * valid, v.float() * valid
+
+    def pool(x):
+        return torch.zeros(B, H, n, x.shape[-1], device=q.device).scatter_add_(2, seg.expand(B, H, L, x.shape[-1]), x)
+
+    count = pool(valid.expand(B, H, L, 1))  # [B, H, n, 1]
+    kbar, vbar = pool(kf) / count.clamp(min=1), pool(vf) / count.clamp(min=1)
+    logits = q.float() @ kbar.transpose(-1, -2) / math.sqrt(d) + torch.log(count).transpose(-1, -2)
+    top = logits.amax(-1, keepdim=True)
+    e = torch.exp(logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+    return (e @ vbar) / e.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
