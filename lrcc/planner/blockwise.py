@@ -363,6 +363,18 @@ class BlockwiseResult:
         return load_blockwise(model, self.path)
 
 
+def heap_returns_large_blocks() -> None:
+    """Have glibc's malloc serve every allocation of 1 MiB or more by mmap, so that freeing it gives
+    the memory back at once (M_MMAP_THRESHOLD; the default threshold rises with use, after which
+    freed tensors of up to 32 MiB stay in the heap, fragmented, and the footprint creeps up block
+    after block). Process-wide; a no-op where the C library has no mallopt."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        pass
+
+
 def trim_heap() -> None:
     """Give freed heap memory back to the system (glibc's malloc_trim): a block's worth of freed
     tensors below malloc's mmap threshold otherwise stays resident and the footprint creeps up
@@ -375,8 +387,19 @@ def trim_heap() -> None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports kilobytes)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """This process's peak resident set size so far: VmHWM from /proc/self/status where there is
+    one (getrusage's ru_maxrss is not reset by exec on Linux, so a process started by a large
+    parent would report the parent's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import sys
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux kilobytes
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
 # ---- the compile ----------------------------------------------------------------------------
@@ -421,9 +444,11 @@ def compile_blockwise(model: nn.Module, calibration: Iterable[tuple], out: str |
     workers started elsewhere with `lrcc worker` instead of spawning them.
     Writes out/: the compressed weights as safetensors shards with an index, blockwise.json (the
     ranks), report.json/.txt and timings.json. Returns a BlockwiseResult; result.load(model) gives
-    the compressed model in memory.
+    the compressed model in memory. (It sets glibc's mmap threshold to 1 MiB in this process, so
+    that freed blocks go back to the system at once: see heap_returns_large_blocks.)
     """
     t_start = time.perf_counter()
+    heap_returns_large_blocks()
     bud = _params_fraction(budget)
     keep = bud.params
     if isinstance(rank_step, bool) or not isinstance(rank_step, int) or rank_step < 1:
@@ -480,6 +505,9 @@ def compile_blockwise(model: nn.Module, calibration: Iterable[tuple], out: str |
     held_orig = [h for h, _, _ in held_in]
     held_comp = list(held_orig)
     fit_h = [h for h, _, _ in fit_in]
+    # keep only the other arguments (masks, positions): the hidden states live on in fit_h / held_*
+    fit_in = [(None, rest, kw) for _, rest, kw in fit_in]
+    held_in = fit_in if held is fit else [(None, rest, kw) for _, rest, kw in held_in]
     timings["capture_s"] = time.perf_counter() - t0
     if say:
         say(f"captured the inputs of {blocks_name}[0] for {len(fit)} fitting and {len(held)} held-out batches")
@@ -531,26 +559,7 @@ def compile_blockwise(model: nn.Module, calibration: Iterable[tuple], out: str |
             # the block again, less the weights about to be factorised: those are read one at a time
             factorised = frozenset(prefix + name + ".weight" for name, _ in sites if chosen[name] is not None)
             materialize(block, prefix, source, skip=factorised)
-            for k, ((name, mod), res) in enumerate(zip(sites, results)):
-                m, n = mod.weight.shape
-                r = chosen[name]
-                bias = mod.bias.detach() if mod.bias is not None else None
-                b = 0 if bias is None else m
-                lam = res.lam.double()
-                total = float(lam.sum())
-                err = float(lam[r:].sum()) / total if (r is not None and total > 0) else 0.0
-                if r is not None:
-                    key = prefix + name + ".weight"
-                    w = source.read([key])[key]
-                    u = res.basis[:, :r].contiguous().clone()
-                    results[k] = None  # its full basis is no longer needed
-                    v = u.T @ w.float()
-                    del w
-                    _set_submodule(block, name, LowRankLinear(v.contiguous(), u, bias))
-                    ranks[prefix + name] = r
-                rows.append({"site": prefix + name, "block": i, "choice": f"rank {r}" if r is not None else "keep",
-                             "params_before": m * n + b, "params_after": (r * (m + n) if r is not None else m * n) + b,
-                             "error": err})
+            rows += _apply(block, sites, results, chosen, prefix, i, source, ranks)
             del results
             with torch.no_grad():
                 fit_h = [_call_block(block, h, rest, kw)[0] for h, (_, rest, kw) in zip(fit_h, fit_in)]
@@ -668,14 +677,14 @@ def _statistics(block: nn.Module, sites, fit_in, fit_h) -> tuple[dict[str, torch
 
         def hook(module, args, output):
             if side == "in":
-                x = args[0].detach()
+                x = args[0]  # the tensor itself (detach() would make a new object each call)
                 owner = owner_of.get(id(x))
                 if owner is not None and owner[1] is x:
                     if owner[0] != name:
                         stats[name] = stats[owner[0]]  # the same input tensor: the same sums (q, k, v)
                     return
                 owner_of[id(x)] = (name, x)  # the reference keeps x alive, so its id is not reused
-                rows = x.reshape(-1, x.shape[-1]).float()
+                rows = x.detach().reshape(-1, x.shape[-1]).float()
             else:
                 y = output.detach()
                 if module.bias is not None:
@@ -684,11 +693,10 @@ def _statistics(block: nn.Module, sites, fit_in, fit_h) -> tuple[dict[str, torch
             if not torch.isfinite(rows).all():
                 raise CalibrationError(f"layer {name}: its {'input' if side == 'in' else 'output'} on calibration data "
                                        "contains NaN or Inf")
-            acc = rows.T @ rows
             if name in stats:
-                stats[name] += acc
+                stats[name].addmm_(rows.T, rows)  # in place: no second n x n matrix per batch
             else:
-                stats[name] = acc
+                stats[name] = rows.T @ rows
         return hook
 
     hooks = [mod.register_forward_hook(make(name)) for name, mod in sites]
@@ -702,6 +710,34 @@ def _statistics(block: nn.Module, sites, fit_in, fit_h) -> tuple[dict[str, torch
         for hk in hooks:
             hk.remove()
     return stats, sides
+
+
+def _apply(block, sites, results: list, chosen: dict, prefix: str, i: int, source, ranks: dict) -> list[dict]:
+    """Replace the block's chosen layers by LowRankLinear(U_r, U_r^T W), reading each weight once
+    more; returns the report rows. (A function of its own, so nothing of it outlives the block.)"""
+    rows = []
+    for k, (name, mod) in enumerate(sites):
+        res, results[k] = results[k], None  # the full basis is dropped as soon as it is used
+        m, n = mod.weight.shape
+        r = chosen[name]
+        bias = mod.bias.detach() if mod.bias is not None else None
+        b = 0 if bias is None else m
+        lam = res.lam.double()
+        total = float(lam.sum())
+        err = float(lam[r:].sum()) / total if (r is not None and total > 0) else 0.0
+        if r is not None:
+            key = prefix + name + ".weight"
+            w = source.read([key])[key]
+            u = res.basis[:, :r].contiguous().clone()
+            del res
+            v = u.T @ w.float()
+            del w
+            _set_submodule(block, name, LowRankLinear(v.contiguous(), u, bias))
+            ranks[prefix + name] = r
+        rows.append({"site": prefix + name, "block": i, "choice": f"rank {r}" if r is not None else "keep",
+                     "params_before": m * n + b, "params_after": (r * (m + n) if r is not None else m * n) + b,
+                     "error": err})
+    return rows
 
 
 def _allocate(block, sites, results: list[FactorResult], keep: float, step: int, where: str) -> dict[str, int | None]:

@@ -88,9 +88,9 @@ def collect_input_stats(lowered, batches: list[tuple], sites: list[str], progres
 
     def make_hook(site: str):
         def hook(module, args, output):
-            x = args[0].detach()
+            x = args[0]  # compared by identity: detach() would make a new object each call
             if last["x"] is not x:
-                rows = _rows(x).float()
+                rows = _rows(x.detach()).float()
                 if not torch.isfinite(rows).all():
                     raise CalibrationError(f"layer {site}: its input on calibration data contains NaN or Inf")
                 last["x"], last["acc"] = x, (rows.T @ rows).double()

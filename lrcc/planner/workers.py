@@ -5,14 +5,16 @@ of a block are independent jobs. A job is a plain function of its inputs, run wi
 its result is the same bit for bit whichever process runs it: the in-process pool and any number
 of workers give identical compressed models.
 
-The distributed pool is torch.distributed's RPC (TensorPipe over TCP): rank 0 is the driver that
-streams the model and hands out jobs, ranks 1..N are workers. Local workers are started as fresh
-processes; workers on other machines join with `lrcc worker --init tcp://HOST:PORT --rank R
---world-size N` (see docs/streaming.md). Jobs are handed out as workers become free (the largest
-first), results come back by job index, so the order of completion never shows in the result.
+The distributed pool is built on torch.distributed's TCPStore, its key-value store over TCP: the
+driver (the process that streams the model) serves it and queues each block's jobs in it, largest
+first; workers claim the next job with an atomic counter, run it and write the result back. Local
+workers are started as fresh processes; workers on other machines join with `lrcc worker --init
+tcp://HOST:PORT --rank R --world-size N` (see docs/streaming.md). Results are read back by job
+index, so the order of completion never shows in the result.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import time
@@ -181,31 +183,65 @@ class InProcessPool:
         self.close()
 
 
-WORKER_NAME = "lrcc-worker-{}"
+def _dump(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
-def _backend_options(init_method: str, timeout_s: float):
-    import torch.distributed.rpc as rpc
-    return rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=timeout_s, num_worker_threads=4)
+def _load(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _parse_init(init_method: str) -> tuple[str, int]:
+    if not isinstance(init_method, str) or not init_method.startswith("tcp://"):
+        raise LrccError(f"init_method {init_method!r}: expected the driver's address as tcp://HOST:PORT")
+    host, _, port = init_method[len("tcp://"):].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LrccError(f"init_method {init_method!r}: expected tcp://HOST:PORT with a port number 1..65535")
+    return host, int(port)
+
+
+def _store(init_method: str, driver: bool, timeout_s: float):
+    import datetime
+
+    import torch.distributed as dist
+    host, port = _parse_init(init_method)
+    return dist.TCPStore(host, port, is_master=driver, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
 
 
 def worker_main(init_method: str, rank: int, world_size: int, timeout_s: float = 24 * 3600.0) -> None:
-    """A worker: join the group at init_method as `rank` of `world_size` (the driver is rank 0), run
-    the jobs the driver sends until it shuts the group down."""
-    import torch.distributed.rpc as rpc
+    """A worker: connect to the driver's store at init_method, then take jobs until it says stop.
+
+    Protocol (keys of torch.distributed's TCPStore, served by the driver): round r is announced by
+    "r/{r}" = the number of jobs (or "stop"); a worker claims job k = add("r/{r}/next", 1) - 1,
+    reads "r/{r}/job/{k}", runs it and writes "r/{r}/res/{k}"."""
+    from .blockwise import heap_returns_large_blocks
+    heap_returns_large_blocks()
     torch.set_num_threads(1)
-    rpc.init_rpc(WORKER_NAME.format(rank), rank=rank, world_size=world_size,
-                 rpc_backend_options=_backend_options(init_method, timeout_s))
-    _shutdown()
-
-
-def _shutdown() -> None:
-    import warnings
-
-    import torch.distributed.rpc as rpc
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's own deprecation notice from inside shutdown
-        rpc.shutdown()
+    store = _store(init_method, False, timeout_s)
+    store.add("joined", 1)
+    r = 1
+    while True:
+        store.wait([f"r/{r}"])
+        head = store.get(f"r/{r}")
+        if head == b"stop":
+            store.add("left", 1)  # the driver keeps the store up until every worker has seen this
+            return
+        n = int(head)
+        while True:
+            k = store.add(f"r/{r}/next", 1) - 1
+            if k >= n:
+                break
+            job = _load(store.get(f"r/{r}/job/{k}"))
+            try:
+                res: Any = run_job(job)
+            except Exception as e:  # reported by the driver, naming the layer
+                res = LrccError(f"layer {job.site}: factorisation failed on worker {rank}: {type(e).__name__}: {e}")
+            del job
+            store.set(f"r/{r}/res/{k}", _dump(res))
+        r += 1
 
 
 def free_port() -> int:
@@ -215,114 +251,98 @@ def free_port() -> int:
 
 
 class DistributedPool:
-    """Jobs on torch.distributed RPC workers; this process is the driver (rank 0).
+    """Jobs on worker processes that share a torch.distributed TCPStore served by this process.
 
     workers: how many. spawn=True starts them here as fresh processes (`python -m
     lrcc.planner.workers`, so the caller's script is not re-imported); spawn=False waits for that
     many to join init_method from elsewhere (`lrcc worker`). Each worker runs one job at a time with
-    one thread; the next job goes to the first worker to finish (largest jobs first)."""
+    one thread and claims the next job when it is free; jobs are queued largest first."""
 
     def __init__(self, workers: int, init_method: str | None = None, spawn: bool = True,
                  timeout_s: float = 24 * 3600.0, join_timeout_s: float = 600.0) -> None:
         import subprocess
         import sys
-        import threading
-
-        import torch.distributed.rpc as rpc
         if workers < 1:
             raise LrccError(f"workers={workers}: a distributed pool needs at least one worker")
-        if not rpc.is_available():
-            raise LrccError("this torch build has no torch.distributed.rpc; use workers=0")
         self.workers = workers
         self.init_method = init_method or f"tcp://127.0.0.1:{free_port()}"
         self.procs: list = []
-        self._open = False
+        self.round = 0
+        try:
+            self.store = _store(self.init_method, True, timeout_s)
+        except LrccError:
+            raise
+        except Exception as e:
+            raise LrccError(f"could not serve the workers' store at {self.init_method}: {e}") from None
         if spawn:
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
             for rank in range(1, workers + 1):
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "lrcc.planner.workers", "--init", self.init_method, "--rank", str(rank),
                      "--world-size", str(workers + 1)], env=env, stdin=subprocess.DEVNULL))
-        failure: list[BaseException] = []
-
-        def join() -> None:
-            import warnings
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # torch's own deprecation notice from inside init_rpc
-                    rpc.init_rpc("lrcc-driver", rank=0, world_size=workers + 1,
-                                 rpc_backend_options=_backend_options(self.init_method, timeout_s))
-            except BaseException as e:  # reported by the main thread
-                failure.append(e)
-
-        t = threading.Thread(target=join, daemon=True)
-        t.start()
         start = time.monotonic()
-        while t.is_alive():
-            t.join(0.1)
-            dead = [(r + 1, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None]
-            if dead:
-                self._kill()
-                raise LrccError(f"factorisation worker {dead[0][0]} exited with code {dead[0][1]} before joining "
-                                f"{self.init_method}; see its error above")
+        while self.store.add("joined", 0) < workers:
+            self._check_alive("before joining")
             if time.monotonic() - start > join_timeout_s:
                 self._kill()
                 raise LrccError(f"{workers} factorisation worker(s) did not join {self.init_method} within "
                                 f"{join_timeout_s:.0f} s" + ("" if spawn else "; start them with `lrcc worker --init "
                                                              f"{self.init_method} --rank R --world-size {workers + 1}`"))
-        if failure:
+            time.sleep(0.05)
+
+    def _check_alive(self, when: str, site: str | None = None) -> None:
+        dead = [(r + 1, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None]
+        if dead:
             self._kill()
-            raise LrccError(f"could not start the factorisation workers at {self.init_method}: {failure[0]}")
-        self._open = True
+            raise LrccError(f"factorisation worker {dead[0][0]} exited with code {dead[0][1]} {when}"
+                            + (f" (layer {site} was being factorised)" if site else "") + "; see its error above")
 
     def map(self, jobs: list[FactorJob], on_result: Callable[[int, FactorResult], None] | None = None) -> list[FactorResult]:
-        """Run the jobs, largest first, each on the next free worker; results in job order. The list
-        is consumed (each entry set to None once its result is back)."""
-        import torch.distributed.rpc as rpc
+        """Run the jobs, largest first, each taken by the next free worker; results in job order.
+        The list is consumed (each job is serialised into the store and dropped here)."""
+        self.round += 1
+        r = self.round
         order = sorted(range(len(jobs)), key=lambda i: (-jobs[i].cost(), i))
-        results: list[FactorResult | None] = [None] * len(jobs)
-        pending = iter(order)
-        running: dict[int, tuple[int, Any]] = {}  # worker rank -> (job index, future)
-
-        def submit(rank: int) -> None:
-            i = next(pending, None)
-            if i is not None:
-                running[rank] = (i, rpc.rpc_async(WORKER_NAME.format(rank), run_job, args=(jobs[i],)))
-
-        for rank in range(1, self.workers + 1):
-            submit(rank)
-        while running:
-            finished = [rank for rank, (_, fut) in running.items() if fut.done()]
-            if not finished:
-                time.sleep(0.002)
-                dead = [(r + 1, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None]
-                if dead:
-                    raise LrccError(f"factorisation worker {dead[0][0]} exited with code {dead[0][1]} while "
-                                    f"factorising {jobs[running[dead[0][0]][0]].site if dead[0][0] in running else 'a layer'}")
+        sites = [j.site for j in jobs]
+        for k, i in enumerate(order):
+            self.store.set(f"r/{r}/job/{k}", _dump(jobs[i]))
+            jobs[i] = None
+        self.store.set(f"r/{r}", str(len(order)))
+        results: list[FactorResult | None] = [None] * len(order)
+        waiting = set(range(len(order)))
+        while waiting:
+            done = [k for k in sorted(waiting) if self.store.check([f"r/{r}/res/{k}"])]
+            if not done:
+                self._check_alive("while factorising", sites[order[min(waiting)]])
+                time.sleep(0.005)
                 continue
-            for rank in finished:
-                i, fut = running.pop(rank)
-                jobs[i] = None  # consumed: its statistics are freed once it has run
-                try:
-                    res = fut.wait()
-                except Exception as e:
-                    raise LrccError(f"layer {jobs[i].site}: factorisation failed on worker {rank}: {e}") from None
-                results[i] = res
+            for k in done:
+                res = _load(self.store.get(f"r/{r}/res/{k}"))
+                self.store.delete_key(f"r/{r}/res/{k}")
+                self.store.delete_key(f"r/{r}/job/{k}")
+                waiting.discard(k)
+                if isinstance(res, Exception):
+                    raise res
+                results[order[k]] = res
                 if on_result:
-                    on_result(i, res)
-                submit(rank)
+                    on_result(order[k], res)
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        if self._open:
-            self._open = False
-            _shutdown()
+        if getattr(self, "store", None) is not None:
+            self.store.set(f"r/{self.round + 1}", "stop")
+            start = time.monotonic()
+            while self.store.add("left", 0) < self.workers and time.monotonic() - start < 30:
+                if self.procs and all(p.poll() is not None for p in self.procs):
+                    break
+                time.sleep(0.01)
         for p in self.procs:
             try:
                 p.wait(timeout=30)
             except Exception:
                 pass
         self._kill()
+        self.store = None
 
     def _kill(self) -> None:
         for p in self.procs:
@@ -362,4 +382,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run as lrcc.planner.workers, not __main__, so results pickle under their real module name
+    from lrcc.planner import workers as _module
+    _module.main()
