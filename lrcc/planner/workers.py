@@ -193,6 +193,29 @@ def _load(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
+_CHUNK = 4 << 20  # TCPStore's server takes values of up to 8 MiB; larger ones go in pieces
+
+
+def _put(store, key: str, obj: Any) -> None:
+    """Store obj under key, in pieces of at most 4 MiB; the piece count goes in last, so a reader
+    that sees `key` finds every piece."""
+    data = _dump(obj)
+    n = max(1, -(-len(data) // _CHUNK))
+    for i in range(n):
+        store.set(f"{key}#{i}", data[i * _CHUNK:(i + 1) * _CHUNK])
+    store.set(key, str(n))
+
+
+def _take(store, key: str) -> Any:
+    """The object _put stored under key (waiting for it), its keys deleted."""
+    n = int(store.get(key))
+    data = b"".join(store.get(f"{key}#{i}") for i in range(n))
+    for i in range(n):
+        store.delete_key(f"{key}#{i}")
+    store.delete_key(key)
+    return _load(data)
+
+
 def _parse_init(init_method: str) -> tuple[str, int]:
     if not isinstance(init_method, str) or not init_method.startswith("tcp://"):
         raise LrccError(f"init_method {init_method!r}: expected the driver's address as tcp://HOST:PORT")
@@ -234,13 +257,13 @@ def worker_main(init_method: str, rank: int, world_size: int, timeout_s: float =
             k = store.add(f"r/{r}/next", 1) - 1
             if k >= n:
                 break
-            job = _load(store.get(f"r/{r}/job/{k}"))
+            job = _take(store, f"r/{r}/job/{k}")
             try:
                 res: Any = run_job(job)
             except Exception as e:  # reported by the driver, naming the layer
                 res = LrccError(f"layer {job.site}: factorisation failed on worker {rank}: {type(e).__name__}: {e}")
             del job
-            store.set(f"r/{r}/res/{k}", _dump(res))
+            _put(store, f"r/{r}/res/{k}", res)
         r += 1
 
 
@@ -253,8 +276,8 @@ def free_port() -> int:
 class DistributedPool:
     """Jobs on worker processes that share a torch.distributed TCPStore served by this process.
 
-    workers: how many. spawn=True starts them here as fresh processes (`python -m
-    lrcc.planner.workers`, so the caller's script is not re-imported); spawn=False waits for that
+    workers: how many. spawn=True starts them here as fresh processes (`python -m lrcc.cli
+    worker`, so the caller's script is not re-imported); spawn=False waits for that
     many to join init_method from elsewhere (`lrcc worker`). Each worker runs one job at a time with
     one thread and claims the next job when it is free; jobs are queued largest first."""
 
@@ -278,7 +301,7 @@ class DistributedPool:
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
             for rank in range(1, workers + 1):
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "lrcc.planner.workers", "--init", self.init_method, "--rank", str(rank),
+                    [sys.executable, "-m", "lrcc.cli", "worker", "--init", self.init_method, "--rank", str(rank),
                      "--world-size", str(workers + 1)], env=env, stdin=subprocess.DEVNULL))
         start = time.monotonic()
         while self.store.add("joined", 0) < workers:
@@ -305,7 +328,7 @@ class DistributedPool:
         order = sorted(range(len(jobs)), key=lambda i: (-jobs[i].cost(), i))
         sites = [j.site for j in jobs]
         for k, i in enumerate(order):
-            self.store.set(f"r/{r}/job/{k}", _dump(jobs[i]))
+            _put(self.store, f"r/{r}/job/{k}", jobs[i])
             jobs[i] = None
         self.store.set(f"r/{r}", str(len(order)))
         results: list[FactorResult | None] = [None] * len(order)
@@ -317,9 +340,7 @@ class DistributedPool:
                 time.sleep(0.005)
                 continue
             for k in done:
-                res = _load(self.store.get(f"r/{r}/res/{k}"))
-                self.store.delete_key(f"r/{r}/res/{k}")
-                self.store.delete_key(f"r/{r}/job/{k}")
+                res = _take(self.store, f"r/{r}/res/{k}")
                 waiting.discard(k)
                 if isinstance(res, Exception):
                     raise res
