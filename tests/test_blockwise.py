@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -89,7 +89,7 @@ class Checkpoint:
                 continue
             try:
                 with safe_open(str(f), framework="pt") as h:
-                    for key in h.keys():
+                    for key in h.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                         self.where[key] = str(f)
             except Exception as e:  # safetensors raises its own error types for damaged files
                 raise LrccError(f"checkpoint {f}: cannot read it as safetensors ({e})") from None
@@ -212,14 +212,7 @@ def materialize(module: nn.Module, prefix: str, source, skip: frozenset[str] = f
 def release(module: nn.Module) -> None:
     """Put every parameter and persistent buffer of `module` back on the meta device."""
     for sub in module.modules():
-        for kind, n in _direct_tensors(sub):
-            t = getattr(sub, n)
-            if t.device.type != "meta":
-                meta = torch.empty_like(t, device="meta")
-                if kind == "param":
-                    sub._parameters[n] = nn.Parameter(meta, requires_grad=False)
-                else:
-                    sub._buffers[n] = meta
+        release_direct(sub)
 
 
 class LowRankLinear(nn.Module):
@@ -547,7 +540,7 @@ def compile_blockwise(model: nn.Module, calibration: Iterable[tuple], out: str |
 
             # 2b. factorise
             t0 = time.perf_counter()
-            results = pool.map(jobs, (lambda k, r: say(f"{blocks_name}[{i}]: factorised {r.site} "
+            results = pool.map(jobs, (lambda k, r, i=i: say(f"{blocks_name}[{i}]: factorised {r.site} "
                                                         f"({r.seconds:.1f} s)")) if say else None)
             del jobs
             job_seconds += sum(r.seconds for r in results)
@@ -629,13 +622,15 @@ def compile_blockwise(model: nn.Module, calibration: Iterable[tuple], out: str |
 
 
 def release_direct(module: nn.Module) -> None:
+    """release() for the module's own tensors only (not its children's)."""
     for kind, n in _direct_tensors(module):
         t = getattr(module, n)
-        meta = torch.empty_like(t, device="meta")
-        if kind == "param":
-            module._parameters[n] = nn.Parameter(meta, requires_grad=False)
-        else:
-            module._buffers[n] = meta
+        if t.device.type != "meta":
+            meta = torch.empty_like(t, device="meta")
+            if kind == "param":
+                module._parameters[n] = nn.Parameter(meta, requires_grad=False)
+            else:
+                module._buffers[n] = meta
 
 
 def _max_rank(m: int, n: int, step: int) -> int:
@@ -665,7 +660,7 @@ def _statistics(block: nn.Module, sites, fit_in, fit_h) -> tuple[dict[str, torch
         for hk in hooks:
             hk.remove()
     shared_input = {name for name in seen if any(o != name and seen[o] is seen[name] for o in seen)}
-    del seen
+    seen.clear()
 
     stats: dict[str, torch.Tensor] = {}
     sides = {name: "in" if (mod.weight.shape[0] > mod.weight.shape[1] or name in shared_input) else "out"
@@ -777,7 +772,7 @@ def _verify(work, blist, blocks_name, held, held_orig, held_comp, tuple_out, sou
         saved = list(blist)
         box: dict[str, torch.Tensor] = {}
         for j in range(len(blist)):
-            blist[j] = _Replay((lambda: box["h"]) if j == len(blist) - 1 else None, tuple_out)
+            blist[j] = _Replay((lambda box=box: box["h"]) if j == len(blist) - 1 else None, tuple_out)
         ys = []
         try:
             with _lazy_outside(work, blist, source), torch.no_grad():

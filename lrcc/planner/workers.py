@@ -388,21 +388,3 @@ def make_pool(workers: int = 0, init_method: str | None = None) -> "InProcessPoo
             raise LrccError("init_method needs workers >= 1 (the number of workers that will join)")
         return InProcessPool()
     return DistributedPool(workers, init_method, spawn=init_method is None)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    ap = argparse.ArgumentParser(prog="lrcc worker", description="a factorisation worker for compile_blockwise")
-    ap.add_argument("--init", required=True, help="the driver's tcp://HOST:PORT")
-    ap.add_argument("--rank", type=int, required=True, help="this worker's rank, 1..world-size-1")
-    ap.add_argument("--world-size", type=int, required=True, help="workers + 1 (the driver)")
-    a = ap.parse_args(argv)
-    if not 1 <= a.rank < a.world_size:
-        ap.error(f"--rank {a.rank}: must be between 1 and --world-size - 1 = {a.world_size - 1}")
-    worker_main(a.init, a.rank, a.world_size)
-
-
-if __name__ == "__main__":
-    # run as lrcc.planner.workers, not __main__, so results pickle under their real module name
-    from lrcc.planner import workers as _module
-    _module.main()
