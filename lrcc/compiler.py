@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .budget import Budget
 from .codegen.torch_module import Lowered, lower_to_torch
 from .errors import CalibrationError, LrccError
 from .ir.from_torch import import_module
 from .ir.graph import Graph, print_graph, verify
-from .ir.serialize import graph_from_json, graph_to_json
+from .ir.serialize import graph_from_json, graph_to_json, save_weights
 from .planner import plan
-from .planner.calibrate import check_batches, output_error, take_samples
+from .planner.calibrate import check_batches, output_error, split_holdout, take_samples
 from .planner.plan import example_dims
 from .report import Report
 from .rewrites import DEFAULT_RULES, match
@@ -27,25 +27,6 @@ from .targets.cost import graph_latency
 
 FORMAT_VERSION = 1
 TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage: the one saved file that differs between runs
-
-
-def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors' save_file, with the header's metadata in sorted order: safetensors keeps it in
-    a hash map whose order changes from run to run, and the file should not."""
-    import struct
-    save_file(tensors, str(path), metadata=metadata)
-    with open(path, "r+b") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) <= n:  # the same keys reordered: the same length; pad as safetensors does
-            f.seek(8)
-            f.write(text.ljust(n, b" "))
-            return
-        rest = f.read()
-    text = text.ljust(-(-len(text) // 8) * 8, b" ")  # the tensor data starts 8-byte aligned
-    path.write_bytes(struct.pack("<Q", len(text)) + text + rest)
 
 
 def read_timings(path: str | os.PathLike) -> dict[str, float]:
@@ -208,17 +189,6 @@ def _progress(enabled: "bool | Progress") -> Progress | None:
     return Progress() if enabled else None
 
 
-def _split(batches: list[tuple], holdout: float) -> tuple[list[tuple], list[tuple], str]:
-    if len(batches) < 2:
-        return batches, batches, "the calibration data itself (too few batches to hold any out)"
-    stride = max(2, int(round(1 / holdout)))
-    held = [b for i, b in enumerate(batches) if i % stride == stride - 1]
-    fit = [b for i, b in enumerate(batches) if i % stride != stride - 1]
-    if not held:
-        held, fit = fit[-1:], fit[:-1]
-    return fit, held, f"{len(held)} held-out calibration batch(es) (every {stride}th)"
-
-
 def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple | None = None, target: str | Target = "cpu",
             budget: Budget | float | str | None = None, calibration: Iterable[tuple] | None = None, *,
             options: dict[str, Any] | None = None, progress: "bool | Progress" = False) -> CompiledModel:
@@ -285,7 +255,7 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     else:
         batches = check_batches(list(calibration), n_inputs)
         _check_calibration(g, batches, example_inputs)
-    fit, held, held_what = _split(batches, float(options.get("holdout", 0.125)))
+    fit, held, held_what = split_holdout(batches, float(options.get("holdout", 0.125)))
     sens = take_samples(fit, int(options.get("sensitivity_samples", 256)))
 
     if bud.bytes is not None or bud.latency is not None:

@@ -1,7 +1,9 @@
 """The IR to and from JSON (tensors travel separately, in safetensors)."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import sympy
@@ -96,3 +98,24 @@ def graph_from_json(data: dict, tensors: dict[str, torch.Tensor]) -> Graph:
         nodes.append(Node(d["name"], d["op"], list(d["inputs"]), attrs, _shape_dec(d["shape"], syms), dtype))
     g = Graph(nodes, dict(tensors), {k: tuple(v) for k, v in data.get("symbols", {}).items()}, dict(data.get("meta", {})))
     return g
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with the header's metadata in sorted order: safetensors keeps it in
+    a hash map whose order changes from run to run, and the file should not."""
+    import struct
+
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # the same keys reordered: the same length; pad as safetensors does
+            f.seek(8)
+            f.write(text.ljust(n, b" "))
+            return
+        rest = f.read()
+    text = text.ljust(-(-len(text) // 8) * 8, b" ")  # the tensor data starts 8-byte aligned
+    path.write_bytes(struct.pack("<Q", len(text)) + text + rest)

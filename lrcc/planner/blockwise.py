@@ -46,7 +46,8 @@ from torch import nn
 from ..budget import Budget
 from ..errors import BudgetError, CalibrationError, LrccError
 from ..rewrites.low_rank import candidate_ranks
-from .calibrate import check_batches, flat_outputs
+from ..ir.serialize import save_weights
+from .calibrate import check_batches, flat_outputs, split_holdout
 from .solve import Option, solve
 from .workers import FactorJob, FactorResult, make_pool
 
@@ -459,8 +460,7 @@ def compile_blockwise(model: nn.Module, calibration: Iterable[tuple], out: str |
     if not cal:
         raise CalibrationError("calibration: no batches given")
     batches = check_batches(cal, len(cal[0]))
-    from ..compiler import _split
-    fit, held, held_what = _split(batches, holdout)
+    fit, held, held_what = split_holdout(batches, holdout)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -760,7 +760,6 @@ def _allocate(block, sites, results: list[FactorResult], keep: float, step: int,
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from ..compiler import save_weights
     save_weights(tensors, path, {"format": FORMAT})
 
 

@@ -45,6 +45,19 @@ def check_batches(batches: list[tuple], num_inputs: int, what: str = "calibratio
     return out
 
 
+def split_holdout(batches: list[tuple], holdout: float) -> tuple[list[tuple], list[tuple], str]:
+    """(fit, held-out, a description of the held-out data): every round(1/holdout)-th batch is held
+    out; with fewer than 2 batches both are the whole list, and the description says so."""
+    if len(batches) < 2:
+        return batches, batches, "the calibration data itself (too few batches to hold any out)"
+    stride = max(2, int(round(1 / holdout)))
+    held = [b for i, b in enumerate(batches) if i % stride == stride - 1]
+    fit = [b for i, b in enumerate(batches) if i % stride != stride - 1]
+    if not held:
+        held, fit = fit[-1:], fit[:-1]
+    return fit, held, f"{len(held)} held-out calibration batch(es) (every {stride}th)"
+
+
 def take_samples(batches: list[tuple], n: int) -> list[tuple]:
     """About n samples' worth of batches, spread evenly over the list (not just its head)."""
     sizes = [b[0].shape[0] if b[0].dim() else 1 for b in batches]
