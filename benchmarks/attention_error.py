@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from docs_sections import write_section  # noqa: E402
+from lrcc.errors import LrccError  # noqa: E402
 from lrcc.rewrites import linear_attention as la  # noqa: E402
 from lrcc.zoo import corpus, minilm  # noqa: E402
 
@@ -62,17 +63,10 @@ TITLES = {"performer": "Performer", "window": "local window", "window+global": "
 
 def packed_sequences(sentences: list[str], n: int, length: int = LENGTH) -> torch.Tensor:
     """n sequences of exactly `length` tokens of running text ([CLS] ... [SEP])."""
-    tok = minilm.tokenizer()
-    rows, text = [], []
-    for s in sentences:
-        text.append(s)
-        ids, _ = tok.encode([" ".join(text)], max_length=length)
-        if ids.shape[1] >= length:
-            rows.append(ids[0, :length])
-            text = []
-            if len(rows) == n:
-                return torch.stack(rows)
-    raise SystemExit(f"the corpus split holds only {len(rows)} sequences of {length} tokens; ask for fewer")
+    try:
+        return minilm.packed_sequences(sentences, n, length)
+    except LrccError as e:
+        raise SystemExit(str(e)) from None
 
 
 def capture_qkv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

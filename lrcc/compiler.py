@@ -55,6 +55,7 @@ class CompiledModel(torch.nn.Module):
         self.budget = budget
         self.backend = backend
         self.program = program  # MCU targets: the int8 Program (lrcc.codegen.c) the C computes
+        self._static = None  # (input, dim, size) the graph fixes, checked on every call
         if target.kind == "mcu":
             if program is None:
                 raise LrccError(f"a model for {target.name} needs its int8 program")
@@ -70,6 +71,14 @@ class CompiledModel(torch.nn.Module):
         self._run = torch.compile(self.module, dynamic=None) if backend == "inductor" else self.module
 
     def forward(self, *inputs):
+        if self._static is None:
+            self._static = _static_dims(self.graph)
+        for i, dim, size, shape in self._static:
+            if i < len(inputs) and isinstance(inputs[i], torch.Tensor) and inputs[i].dim() > dim \
+                    and inputs[i].shape[dim] != size:
+                raise LrccError(f"expected input of shape {shape} for input {i}, got {tuple(inputs[i].shape)}: the "
+                                f"model was compiled for size {size} in dim {dim} (a sequence traced at a fixed length, "
+                                "e.g. with options={'fixed_length': True}, takes only that length)")
         return self._run(*inputs)
 
     def save(self, path: str | os.PathLike, arch: str | None = None, format: str | None = None) -> Path:
@@ -110,6 +119,18 @@ class CompiledModel(torch.nn.Module):
             from .codegen.onnx_export import export_onnx
             export_onnx(self.graph, out / "model.onnx")
         return out
+
+
+def _static_dims(g: Graph) -> list[tuple[int, int, int, str]]:
+    """(input index, dim, size, the input's shape as text) for every input dim the graph fixes, batch
+    dims aside: a call with another size gets a clear error instead of a shape mismatch deep inside."""
+    out = []
+    for node in g.inputs():
+        text = "(" + ", ".join(str(d) for d in node.shape or ()) + ")"
+        for dim, d in enumerate(node.shape or ()):
+            if dim > 0 and getattr(d, "is_Integer", False):
+                out.append((int(node.attrs["index"]), dim, int(d), text))
+    return out
 
 
 def load(path: str | os.PathLike) -> CompiledModel:
@@ -197,7 +218,9 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     calibration: an iterable of input tuples shaped like example_inputs (batch and sequence length
     may differ). Without it lrcc calibrates on example_inputs alone and says so in the report.
     options: planner knobs (rank_step, probes, sensitivity_samples, holdout, sequential, ridge, seed,
-    rules, quant_bits, sparse_block; GPU targets default quant_bits to the widths their kernels
+    rules, quant_bits, sparse_block, fixed_length (trace at the example's sequence length: offers
+    Linformer), attention_forms, attention_features, attention_budgets, linformer_segments;
+    GPU targets default quant_bits to the widths their kernels
     unpack and sparse_block to (16, 16)) and backend: "eager" (default: the lowered graph runs op by op) or "inductor" (the
     lowered graph is compiled by torch.compile's inductor on its first call; CPU targets).
     progress: True (or a Progress) reports progress on stderr, as bars when it is a terminal.
@@ -242,7 +265,7 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
                                for i in range(len(b[0]))]
             export_notes.append("the model traces at batch 1 only: calibrated one sample at a time")
     else:
-        g, export_notes = import_module(model, example_inputs)
+        g, export_notes = import_module(model, example_inputs, _dynamic_shapes(example_inputs, options))
     notes += export_notes
     _check_weights(g, onnx)
     if say:
@@ -323,13 +346,55 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     report = Report(rows, totals, tgt.name, str(bud), notes, measured, timings,
                     [{"site": s, "rule": r, "reason": why} for s, r, why in m.rejected]
                     + [{"site": s, "rule": "planner", "reason": why} for s, why in result.dropped],
-                    candidates=result.candidates, arena=arena if mcu else [])
+                    candidates=result.candidates, arena=arena if mcu else [],
+                    attention=attention_crossovers(g, m, tgt, dims))
     if bud.max_error is not None and measured["rel_error"] > bud.max_error:
         if options.get("strict", True):
             raise LrccError(f"the compiled model's output error {measured['rel_error']:.3e} on {held_what} exceeds "
                             f"max_error={bud.max_error}; loosen the budget or give more calibration data\n{report}")
         report.notes.append(f"FLAGGED: measured error {measured['rel_error']:.3e} exceeds max_error={bud.max_error}")
     return CompiledModel(new, report, tgt, str(bud), str(options.get("backend", "eager")), program=program)
+
+
+def _dynamic_shapes(example_inputs: tuple, options: dict[str, Any]):
+    """options["dynamic_shapes"] as torch.export takes it, or with options["fixed_length"] the
+    batch dim alone dynamic (the sequence length fixed at the example's: fixed-length forms such as
+    Linformer become possible), else None (lrcc's default: batch and sequence dynamic)."""
+    if options.get("dynamic_shapes") is not None:
+        return options["dynamic_shapes"]
+    if options.get("fixed_length"):
+        from .ir.from_torch import default_dynamic_shapes
+        return [None if d is None else {k: v for k, v in d.items() if k == 0} for d in default_dynamic_shapes(example_inputs)]
+    return None
+
+
+CROSSOVER_TARGETS = ("cpu", "a100", "h100")
+
+
+def attention_crossovers(g: Graph, m, tgt: Target, dims: dict[str, int]) -> list[dict[str, Any]]:
+    """For the report: per distinct attention shape, each offered form's estimated crossover length
+    (lrcc.targets.cost.crossover_length) on the compile target and the CPU / GPU targets."""
+    from .ir.attention import attention_sites
+    from .targets.cost import crossover_length
+    names = [tgt.name] + [t for t in CROSSOVER_TARGETS if t != tgt.name and tgt.kind != "mcu"]
+    groups: dict[tuple, dict[str, Any]] = {}
+    for a in attention_sites(g):
+        cands = m.candidates.get(a.site, [])
+        if not cands:
+            continue
+        key = (a.heads, a.head_dim, a.value_dim, tuple(c.choice for c in cands))
+        if key in groups:
+            groups[key]["sites"].append(a.site)
+            continue
+        forms = []
+        for c in cands:
+            cross = {t: crossover_length(c.knobs["form"], c.knobs, get_target(t), a.heads, a.head_dim, a.value_dim)
+                     for t in names}
+            forms.append({"choice": c.choice, "crossover": cross})
+        length = dims.get(a.seq_k, a.seq_k)
+        groups[key] = {"sites": [a.site], "heads": a.heads, "head_dim": a.head_dim, "value_dim": a.value_dim,
+                       "length": int(length) if str(length).isdigit() else str(length), "forms": forms}
+    return list(groups.values())
 
 
 def _batch_one(example_inputs: tuple) -> tuple:

@@ -28,6 +28,10 @@ class Report:
     # MCU targets: the static arena's buffers, one dict each: name, offset, bytes, and optionally
     # first/last (the steps it is live in); empty where the backend records none
     arena: list[dict[str, Any]] = field(default_factory=list)
+    # attention sites: one dict per distinct shape: sites, heads, head_dim, value_dim, length (the
+    # sequence length priced), and forms: [{"choice", "crossover": {target: L or None}}], L the
+    # estimated sequence length from which the form beats exact attention on that target
+    attention: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self, timings: bool = True) -> str:
         """The report as JSON; timings=False leaves out the wall-clock timings, the one part that
@@ -35,7 +39,7 @@ class Report:
         timings.json, so that report.json is reproducible byte for byte)."""
         d = {"target": self.target, "budget": self.budget, "rows": self.rows, "totals": self.totals,
              "verification": self.verification, "notes": self.notes, "timings": self.timings,
-             "rejected": self.rejected, "arena": self.arena}
+             "rejected": self.rejected, "arena": self.arena, "attention": self.attention}
         if not timings:
             del d["timings"]
         head = json.dumps(d, indent=2)  # key order kept: str() prints timings in order
@@ -48,7 +52,8 @@ class Report:
         """A Report from to_json()'s text; keys added since (candidates, arena) default to empty."""
         d = json.loads(text)
         return cls(d["rows"], d["totals"], d["target"], d["budget"], d.get("notes", []), d.get("verification", {}),
-                   d.get("timings", {}), d.get("rejected", []), d.get("candidates", []), d.get("arena", []))
+                   d.get("timings", {}), d.get("rejected", []), d.get("candidates", []), d.get("arena", []),
+                   d.get("attention", []))
 
     def __str__(self) -> str:
         return self.text()
@@ -84,6 +89,7 @@ class Report:
                          f"cosine mean {v['cosine_mean']:.4f} (p5 {v['cosine_p5']:.4f}) over {v['samples']} samples")
         lines.append("error column: predicted contribution to the output's relative squared error "
                      "(first-order, from output gradients on calibration data)")
+        lines += self._attention_lines()
         if self.rejected:
             lines.append(f"{len(self.rejected)} site(s) declined by rule guards:")
             lines += [f"  {r['site']}: {r['rule']}: {r['reason']}" for r in self.rejected]
@@ -91,3 +97,22 @@ class Report:
         if timings and self.timings:
             lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         return "\n".join(lines)
+
+    def _attention_lines(self) -> list[str]:
+        """Per attention shape: from which sequence length each form is estimated to beat exact attention."""
+        lines = []
+        for a in self.attention:
+            targets = sorted({t for f in a["forms"] for t in f["crossover"]}, key=lambda t: (t != self.target, t))
+            sites = a["sites"]
+            named = ", ".join(sites[:3]) + (f" and {len(sites) - 3} more" if len(sites) > 3 else "")
+            lines.append(f"attention crossovers ({a['heads']} heads x {a['head_dim']}, priced at L={a['length']}; "
+                         f"{named}): sequence length from which each form is estimated faster than exact attention")
+            head = ["form"] + targets
+            body = [[f["choice"]] + [("-" if f["crossover"].get(t) is None else f"L >= {f['crossover'][t]:,}")
+                                     for t in targets] for f in a["forms"]]
+            widths = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
+            fmt = lambda row: "  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                               for i, (c, w) in enumerate(zip(row, widths)))
+            lines.append(fmt(head))
+            lines += [fmt(r) for r in body]
+        return lines

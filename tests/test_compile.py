@@ -118,7 +118,11 @@ def test_report_rows(half, toy) -> None:
     for site in SITES:
         assert site in text, site
     assert "TOTAL" in text and "params=0.5" in text
-    assert [d["site"] for d in half.report.rejected] == ["head"]
+    attention = ("blocks.0", "blocks.1")
+    assert [d["site"] for d in half.report.rejected if d["site"] not in attention] == ["head"]
+    # the attention sites stay exact: their forms save time, and the budget asks for parameters
+    kept = {d["site"]: d["reason"] for d in half.report.rejected if d["site"] in attention}
+    assert sorted(kept) == ["blocks.0", "blocks.1"] and all("latency budget" in r for r in kept.values()), kept
     v = half.report.verification
     assert 0 <= v["rel_error"] < 1 and -1 <= v["cosine_mean"] <= 1 and v["samples"] > 0
 

@@ -106,3 +106,22 @@ def test_torch_compile_backend_matches_lrcc_compile_on_minilm(compiled, data):
     assert len(lrcc.dynamo._CACHE) == 1  # every evaluation batch shape ran on one plan
     assert abs(q_fast["cosine_mean"] - q_direct["cosine_mean"]) < 1e-3, (q_fast, q_direct)
     torch._dynamo.reset()
+
+
+def test_short_text_keeps_attention_exact_under_a_latency_budget():
+    """MiniLM at L = 128 with Budget(latency=0.7): every attention form's estimated crossover on the
+    CPU lies above 128, so attention stays exact (the report says why) and the budget is met by
+    factorising weights, as Greenformers found for short sequences."""
+    cal = minilm.packed_batches(corpus.splits(1280, 0)[0], 48, 128, 8)
+    cm = lrcc.compile(minilm.load_encoder("plain"), cal[0], budget=lrcc.Budget(latency=0.7), calibration=cal)
+    attention = [f"encoder.layers.{i}.attn" for i in range(6)]
+    kept = {d["site"]: d["reason"] for d in cm.report.rejected if d["site"] in attention}
+    assert sorted(kept) == attention
+    crossovers = [f["crossover"]["cpu"] for a in cm.report.attention for f in a["forms"]]
+    assert crossovers and all(c is not None and c > 128 for c in crossovers), crossovers
+    for why in kept.values():
+        assert why.startswith("kept exact: at L=128") and f"from L={min(crossovers)}" in why, why
+    t = cm.report.totals
+    assert t["model_latency_after_s"] <= 0.7 * t["model_latency_before_s"] * (1 + 1e-9)
+    assert any(r["rule"] == "factorize_linear" for r in cm.report.rows)
+    assert not any(r["rule"] in ("approximate_attention", "linformer_attention") for r in cm.report.rows)

@@ -142,7 +142,7 @@ def test_config_tiles_cover_the_head_dims() -> None:
 def test_bad_input_is_rejected_with_a_clear_message() -> None:
     q, k, v = _qkv(9, torch.float32)
     cases = [
-        ((q[0], k, v, {}), r"q must be \[B, H, L, D\], got rank 3"),
+        ((q[0], k, v, {}), r"q must be \[B, H, L, d\], got rank 3"),
         ((q, k[..., :-1], v, {}), "q .* and k .* must have the same shape"),
         ((q, k, v[:, :, :-1], {}), "v .* must share B, H, L with q"),
         ((q, k.half(), v, {}), "q is torch.float32 but k is torch.float16"),

@@ -113,9 +113,18 @@ def _out_features(g: Graph, n: Node) -> int:
 def _placeholder_module(g: Graph) -> torch.fx.GraphModule:
     """The lowered graph with every site module replaced by a weightless placeholder."""
     from .torch_module import lower_to_torch
+    from ..targets.cost import APPROXIMATE_ATTENTION
+    for n in g.nodes:
+        if n.op == "aten" and n.attrs.get("target") == APPROXIMATE_ATTENTION:
+            raise LrccError(f"ONNX export: attention site {n.attrs['attention'].get('site', n.name)!r} was rewritten to "
+                            f"{n.attrs['attention'].get('approximation', 'an approximate form')}, which has no ONNX "
+                            "operator; compile without a latency budget (or with "
+                            "options={'rules': [...]} leaving out the attention rules) to export ONNX")
     low = lower_to_torch(g)
     by_site = {n.attrs["site"]: n for n in g.sites()}
     for site, path in low.site_names.items():
+        if site not in by_site:  # an exact attention site: exported as the operator it is
+            continue
         n = by_site[site]
         if n.dtype not in (None, torch.float32):
             raise LrccError(f"ONNX export: site {site!r} (node {n.name!r}) computes in {n.dtype}; the exporter "

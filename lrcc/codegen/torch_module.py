@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import LrccError
-from ..ir.graph import Graph, Node, Ref, map_refs
+from ..ir.graph import Graph, Node, Ref, map_refs, refs_in
 from ..ir.targets import resolve_target
+from ..targets.cost import APPROXIMATE_ATTENTION
 
 
 def safe_name(name: str) -> str:
@@ -98,6 +99,38 @@ def site_module(g: Graph, n: Node, gpu: bool = False) -> nn.Module:
     raise LrccError(f"codegen torch: {n.name!r} ({n.op}) is not a site")
 
 
+class OpModule(nn.Module):
+    """One operator as a module, so that an attention site can be watched (hooks see its tensor
+    inputs and its output) and found by name like a linear site: forward(*tensors) calls the
+    operator with the node's argument template, the i-th Ref filled with the i-th tensor."""
+
+    def __init__(self, fn, args, kwargs) -> None:
+        super().__init__()
+        self.fn = fn
+        slots = iter(range(1 << 30))
+        self.args = map_refs(args, lambda r: _Slot(next(slots)))
+        self.kwargs = map_refs(kwargs, lambda r: _Slot(next(slots)))
+
+    def forward(self, *xs):
+        fill = lambda t: xs[t.index] if isinstance(t, _Slot) else t  # noqa: E731
+        return self.fn(*_fill(self.args, fill), **_fill(self.kwargs, fill))
+
+
+class _Slot:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _fill(template, fn):
+    if isinstance(template, _Slot):
+        return fn(template)
+    if isinstance(template, (list, tuple)):
+        return type(template)(_fill(t, fn) for t in template)
+    if isinstance(template, dict):
+        return {k: _fill(v, fn) for k, v in template.items()}
+    return template
+
+
 class Lowered(nn.Module):
     """Holds the lowered graph module; calls it and restores the model's output structure."""
 
@@ -121,6 +154,7 @@ def lower_to_torch(g: Graph, gpu: bool = False) -> Lowered:
     """A torch module that computes the graph; gpu=True lowers compressed sites to Triton kernels."""
     root = nn.Module()
     root.sites = nn.Module()
+    root.attention = nn.Module()
     root.c = nn.Module()
     fx = torch.fx.Graph()
     env: dict[str, torch.fx.Node] = {}
@@ -150,6 +184,18 @@ def lower_to_torch(g: Graph, gpu: bool = False) -> Lowered:
             root.sites.add_module(attr, site_module(g, n, gpu))
             site_names[site] = f"sites.{attr}"
             env[n.name] = fx.call_module(f"sites.{attr}", (value(Ref(n.inputs[0])),))
+        elif n.op == "aten" and "attention" in n.attrs:  # an attention site: a module hooks can watch
+            site = n.attrs["attention"].get("site", n.name)
+            attr = safe_name(site)
+            if hasattr(root.attention, attr) or site in site_names:
+                raise LrccError(f"codegen torch: two sites named {site!r}")
+            fn = resolve_target(n.attrs["target"])
+            if gpu and n.attrs["target"] == APPROXIMATE_ATTENTION:  # Performer / Scatterbrain on the Triton kernel
+                from .triton.scatterbrain import approximate_attention_triton as fn
+            root.attention.add_module(attr, OpModule(fn, n.attrs["args"], n.attrs["kwargs"]))
+            site_names[site] = f"attention.{attr}"
+            tensors = [value(Ref(r)) for r in refs_in((n.attrs["args"], n.attrs["kwargs"]))]
+            env[n.name] = fx.call_module(f"attention.{attr}", tuple(tensors))
         elif n.op == "aten":
             fn = resolve_target(n.attrs["target"])
             args = map_refs(n.attrs["args"], value)

@@ -1028,6 +1028,42 @@ def _removable(n: Node) -> bool:
     return not s.endswith("_") and s not in _EFFECTFUL
 
 
+def _linear_site(g: Graph, name: str) -> str | None:
+    """The linear site a value comes from through views, transposes and other one-input ops."""
+    cur = g[name]
+    for _ in range(16):
+        if cur.is_site:
+            return cur.attrs.get("site")
+        if cur.op != "aten" or not cur.inputs:
+            return None
+        cur = g[cur.inputs[0]]
+    return None
+
+
+def _site_name(g: Graph, n: Node, q: str, k: str, v: str) -> str:
+    """A name for the attention site: the module path its q, k and v projections share (e.g.
+    "encoder.layers.0.attn" for ...attn.q / .k / .v), else the node's own name."""
+    sites = {s for s in (_linear_site(g, x) for x in (q, k, v)) if s}
+    if not sites:
+        return n.name
+    parts = [x.split(".") for x in sites]
+    common = []
+    for bits in zip(*parts):
+        if len(set(bits)) > 1:
+            break
+        common.append(bits[0])
+    if len(sites) == 1:
+        common = parts[0][:-1]
+    name = ".".join(common) or f"{sorted(sites)[0]}.attention"
+    linear = {m.attrs.get("site") for m in g.nodes if m.is_site}
+    if name in linear:  # a module path that is also a linear's name (e.g. a top-level fused qkv)
+        name = f"{name}.attention"
+    taken = {m.attrs["attention"].get("site") for m in g.nodes if m is not n and "attention" in m.attrs} | linear
+    while name in taken:  # two attentions fed by one projection module: keep the names apart
+        name = f"{name}.{n.name}"
+    return name
+
+
 def _source(g: Graph, name: str) -> str | None:
     """The module that produced q, where it can be told (nn.MultiheadAttention's packed in_proj)."""
     cur = g[name]
@@ -1062,6 +1098,7 @@ def _annotate(g: Graph, n: Node, masks: _Masks, form: str, steps: list[str]) -> 
         kind, mask_dtype = ("causal" if a["is_causal"] else "none"), None
     heads = q.shape[-3]
     n.attrs["attention"] = {
+        "site": _site_name(g, n, q.name, k.name, v.name),
         "form": form,
         "source": _source(g, q.name),
         "written": list(steps),
@@ -1085,6 +1122,7 @@ class AttentionSite:
     """One canonical attention node, as later rules see it."""
 
     name: str                 # the scaled_dot_product_attention node
+    site: str                 # the site's name in plans and reports (its projections' module path)
     heads: int | None
     head_dim: int | None
     value_dim: int | None
@@ -1110,7 +1148,7 @@ def attention_sites(g: Graph) -> list[AttentionSite]:
             continue
         a = sdpa_arguments(n)
         mask = a["attn_mask"].name if isinstance(a["attn_mask"], Ref) else None
-        out.append(AttentionSite(n.name, info["heads"], info["head_dim"], info["value_dim"], a["query"].name,
+        out.append(AttentionSite(n.name, info.get("site", n.name), info["heads"], info["head_dim"], info["value_dim"], a["query"].name,
                                  a["key"].name, a["value"].name, mask, info["mask"], info["causal"], info["scale"],
                                  info["seq_q"], info["seq_k"], info["form"], info["source"]))
     return out

@@ -81,8 +81,16 @@ class InputStats:
     tokens: dict[str, int] = field(default_factory=dict)
     _memo: dict = field(default_factory=dict, repr=False)
 
+    attention: dict[str, tuple] = field(default_factory=dict)  # site -> (q, k, mask) of a few sequences
+
     def xtx(self, site: str) -> torch.Tensor:
         return self.sums[site]
+
+    def attention_inputs(self, site: str) -> tuple:
+        """(q [N, H, L, d], k, key mask or None) captured at attention site `site` (collect_attention_inputs)."""
+        if site not in self.attention:
+            raise CalibrationError(f"attention {site}: no calibration inputs were captured there")
+        return self.attention[site]
 
     def memo(self, key, fn):
         """fn() computed once per key for these statistics (e.g. a site's whitened spectrum, which
@@ -128,6 +136,48 @@ def collect_input_stats(lowered, batches: list[tuple], sites: list[str], progres
         for h in hooks:
             h.remove()
     return stats
+
+
+def collect_attention_inputs(lowered, batches: list[tuple], sites: list[str], stats: InputStats,
+                             sequences: int = 16) -> None:
+    """Capture q, k and the mask at each attention site for the first `sequences` calibration
+    sequences (for fits that need them, e.g. Linformer's segments), into stats.attention."""
+    got: dict[str, list[tuple]] = {s: [] for s in sites}
+    count = {"n": 0}
+
+    def make_hook(site: str):
+        def hook(module, args, output):
+            q, k = args[0].detach(), args[1].detach()
+            mask = args[3].detach() if len(args) > 3 and isinstance(args[3], torch.Tensor) else None
+            if mask is not None:
+                while mask.dim() < 4:
+                    mask = mask.unsqueeze(0)
+                mask = mask.expand(q.shape[0], *mask.shape[1:])
+            got[site].append((q.float(), k.float(), mask))
+        return hook
+
+    hooks = [lowered.site(s).register_forward_hook(make_hook(s)) for s in sites]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if count["n"] >= sequences:
+                    break
+                lowered(*batch)
+                count["n"] += batch[0].shape[0] if batch[0].dim() else 1
+    finally:
+        for h in hooks:
+            h.remove()
+    for site, parts in got.items():
+        if not parts:
+            continue
+        lengths = {p[0].shape[2] for p in parts}
+        if len(lengths) > 1:
+            raise CalibrationError(f"attention {site}: calibration sequences have lengths {sorted(lengths)}; a "
+                                   "fixed-length form (Linformer) needs them all of one length")
+        q = torch.cat([p[0] for p in parts])[:sequences]
+        k = torch.cat([p[1] for p in parts])[:sequences]
+        mask = None if parts[0][2] is None else torch.cat([p[2] for p in parts])[:sequences]
+        stats.attention[site] = (q, k, mask)
 
 
 def flat_outputs(out) -> torch.Tensor:
@@ -177,10 +227,18 @@ def collect_sensitivity(lowered, batches: list[tuple], families: dict[str, tuple
         def hook(module, args, output):
             x = args[0].detach()
             saved[site] = x
+            if site in attention:  # an attention site: its changes need all its inputs and its output
+                saved[site] = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), output.detach())
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
 
             def on_grad(g: torch.Tensor):
+                if site in attention:
+                    inputs, exact = saved[site]
+                    for fam, spec in by_site.get(site, []):
+                        c = spec.contributions_at(inputs, exact, g.detach())
+                        sens.contributions.setdefault(fam, []).append(c.detach())
+                    return None
                 xs = saved[site]
                 bsz = g.shape[0]
                 gf = g.detach().reshape(bsz, -1, g.shape[-1]).float()
@@ -217,6 +275,7 @@ def collect_sensitivity(lowered, batches: list[tuple], families: dict[str, tuple
         return hook
 
     deltas: dict[str, tuple[list[str], torch.Tensor]] = {}
+    attention = {site for site, fams in by_site.items() if any(getattr(s, "kind", None) == "attention" for _, s in fams)}
     for site, fams in by_site.items():
         explicit = [(fam, spec) for fam, spec in fams if spec.needs_wgrad]
         if explicit:

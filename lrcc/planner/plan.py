@@ -80,6 +80,11 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     original = lower_to_torch(g)
     sites = [s for s in match.candidates]
     node_of = {n.attrs["site"]: n for n in g.sites()}
+    for n in g.nodes:  # attention sites (lrcc.rewrites.attention)
+        if n.op == "aten" and "attention" in n.attrs and n.attrs["attention"].get("site") in match.candidates:
+            node_of[n.attrs["attention"]["site"]] = n
+    attention_sites = {s for s in sites if not node_of[s].is_site}
+    linear_sites = [s for s in sites if s not in attention_sites]
 
     # With sequential refit the final factors are fitted on all of fit_batches; the whitened spectra
     # only serve to price candidates, for which a spread-out subset is enough.
@@ -87,9 +92,12 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     if options.get("sequential", True):
         stat_batches = take_samples(fit_batches, int(options.get("stats_samples", 512)))
     _stage(progress, "input statistics", len(stat_batches), "batch")
-    stats = calibrate.collect_input_stats(original, stat_batches, sites, progress)
+    stats = calibrate.collect_input_stats(original, stat_batches, linear_sites, progress)
+    fitted = sorted({c.site for s in attention_sites for c in match.candidates[s] if c.needs_calibration})
+    if fitted:
+        calibrate.collect_attention_inputs(original, fit_batches, fitted, stats, int(options.get("attention_samples", 16)))
     timings["input statistics"] = time.perf_counter() - t0
-    for site in sites:
+    for site in linear_sites:
         n_in = stats.xtx(site).shape[0]
         if stats.tokens.get(site, 0) < n_in:
             notes.append(f"layer {site}: only {stats.tokens.get(site, 0)} calibration rows for {n_in} inputs; "
@@ -106,16 +114,16 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     dropped: list[tuple[str, str]] = []
     for site, cands in match.candidates.items():
         n = node_of[site]
-        keep_cost = {"params": g.param_count(n), "bytes": _site_bytes(g, n), "latency": op_cost(g, n).latency(target, dims),
-                     "flash": flash_of(_site_shapes(g, n)) if flash_of else 0}
+        keep_cost = _keep_costs(g, n, target, dims, flash_of)
         useful = []
         for c in cands:
-            cost = {"params": c.params, "bytes": c.bytes, "latency": _cand_latency(g, n, c, target, dims),
-                    "flash": flash_of(c.weight_shapes, int(c.knobs.get("bits", 8))) if flash_of else 0}
+            cost = _cand_costs(g, n, c, target, dims, flash_of)
             if any(cost[r] < keep_cost[r] for r in resources):
                 useful.append(c)
         if useful:
             candidates[site] = useful
+        elif site in attention_sites:
+            dropped.append((site, _attention_kept(g, n, cands, resources, target, dims)))
         else:
             dropped.append((site, f"no candidate saves {' or '.join(resources)}"))
     sites = [s for s in sites if s in candidates]
@@ -145,19 +153,14 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
     total_params = total_bytes = total_flash = 0
     for site in sites:
         n = node_of[site]
-        p0 = g.param_count(n)
-        b0 = _site_bytes(g, n)
-        lat0 = op_cost(g, n).latency(target, dims)
-        total_params += p0
-        total_bytes += b0
-        f0 = flash_of(_site_shapes(g, n)) if flash_of else 0
-        total_flash += f0
-        opts = [Option(0.0, {"params": p0, "bytes": b0, "latency": lat0, "flash": f0}, None)]
+        keep = _keep_costs(g, n, target, dims, flash_of)
+        total_params += keep["params"]
+        total_bytes += keep["bytes"]
+        total_flash += keep["flash"]
+        opts = [Option(0.0, keep, None)]
         for c in candidates[site]:
             err = float(errors[c.family][c.index])
-            opts.append(Option(err, {"params": c.params, "bytes": c.bytes,
-                                     "latency": _cand_latency(g, n, c, target, dims),
-                                     "flash": flash_of(c.weight_shapes, int(c.knobs.get("bits", 8))) if flash_of else 0}, c))
+            opts.append(Option(err, _cand_costs(g, n, c, target, dims, flash_of), c))
         table[site] = opts
     model_latency = graph_latency(g, target, dims)
     fixed_latency = model_latency - sum(o[0].costs["latency"] for o in table.values())
@@ -250,10 +253,22 @@ def _apply(g, sites, table, choice, families, node_of, original, sens, fit_batch
         predicted += opt.error
         if c is None:
             reason = "kept dense: no cheaper form was worth its predicted error under this budget"
-            decisions.append(Decision(site, "-", "dense", keep.costs["params"], keep.costs["params"], keep.costs["bytes"],
+            dense = "dense"
+            if not node_of[site].is_site:
+                reason, dense = "kept exact: no cheaper form was worth its predicted error under this budget", "exact attention"
+            decisions.append(Decision(site, "-", dense, keep.costs["params"], keep.costs["params"], keep.costs["bytes"],
                                       keep.costs["bytes"], keep.costs["latency"], keep.costs["latency"], 0.0, None, reason))
             continue
         fam = families[c.family][1]
+        if c.form == "attention":
+            from ..rewrites.attention import replace_attention
+            replace_attention(new, c.node, c, fam)
+            reason = (f"predicted output error {opt.error:.2e} for {keep.costs['latency'] - opt.costs['latency']:.3g} s "
+                      "of estimated latency saved")
+            decisions.append(Decision(site, c.rule, c.choice, keep.costs["params"], opt.costs["params"],
+                                      keep.costs["bytes"], opt.costs["bytes"], keep.costs["latency"],
+                                      opt.costs["latency"], opt.error, c, reason))
+            continue
         if isinstance(fam, Delta):
             replace_site(new, c.node, dict(fam.parts), dict(fam.attrs))
             refs[site] = {role: f"{site}.{role}" for role in fam.parts}
@@ -323,6 +338,41 @@ def _refit_fn(c: Candidate, fam, metric, ridge: float, site: str):
             return {"v": v.half(), "u": u.half()}
         return low
     raise LrccError(f"layer {site}: unknown refit kind {c.refit!r}")
+
+
+def _keep_costs(g: Graph, n, target: Target, dims: dict[str, int], flash_of) -> dict[str, float]:
+    """A site's costs as it stands: params, bytes, estimated latency, flash."""
+    lat = op_cost(g, n).latency(target, dims)
+    if not n.is_site:  # attention: no parameters of its own
+        return {"params": 0, "bytes": 0, "latency": lat, "flash": 0}
+    return {"params": g.param_count(n), "bytes": _site_bytes(g, n), "latency": lat,
+            "flash": flash_of(_site_shapes(g, n)) if flash_of else 0}
+
+
+def _cand_costs(g: Graph, n, c: Candidate, target: Target, dims: dict[str, int], flash_of) -> dict[str, float]:
+    """A candidate's costs: params, bytes, estimated latency, flash."""
+    if c.cost is not None:  # attention forms: their own cost, symbolic in the sequence length
+        from ..targets.cost import OpCost, _bytes_io
+        cost = OpCost(c.cost.flops, c.cost.bytes + _bytes_io(g, n), c.cost.launches, c.cost.gpu_launches)
+        return {"params": c.params, "bytes": c.bytes, "latency": cost.latency(target, dims), "flash": 0}
+    return {"params": c.params, "bytes": c.bytes, "latency": _cand_latency(g, n, c, target, dims),
+            "flash": flash_of(c.weight_shapes, int(c.knobs.get("bits", 8))) if flash_of else 0}
+
+
+def _attention_kept(g: Graph, n, cands: list[Candidate], resources: list[str], target: Target,
+                    dims: dict[str, int]) -> str:
+    """Why an attention site stays exact when no form saves what the budget asks for."""
+    if "latency" not in resources:
+        return ("kept exact: attention forms save time, not " + " or ".join(resources)
+                + "; a latency budget lets the planner weigh them")
+    from ..targets.cost import crossover_length
+    info = n.attrs["attention"]
+    L = dims.get(info["seq_k"], int(info["seq_k"]) if info["seq_k"].isdigit() else None)
+    best = [crossover_length(c.knobs["form"], c.knobs, target, info["heads"], info["head_dim"], info["value_dim"])
+            for c in cands]
+    known = [x for x in best if x is not None]
+    first = f"from L={min(known)}" if known else "at no length up to 2^24"
+    return f"kept exact: at L={L} no form is estimated faster on {target.name} than exact attention (the first wins {first})"
 
 
 def _site_shapes(g: Graph, n) -> list[tuple[int, int]]:

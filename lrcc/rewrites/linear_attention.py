@@ -1,9 +1,12 @@
 """Cheaper forms of softmax attention, post-training (no retraining), in plain torch.
 
 Each function computes non-causal multi-head attention of q, k: [B, H, L, d], v: [B, H, L, dv]
-with an optional key padding mask [B, L] (True = attend), the same contract as
+with an optional key mask [B, L]: bool (True = attend) or float, added to every query's scores
+(-inf, or anything at or below the dtype's lowest value, masks the key) — the same contract as
 ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])``. Rows of queries
-whose keys are all padding come out as zeros.
+whose keys are all masked come out as zeros. A float mask is a per-key bias b_j: every form weighs
+key j by exp(b_j) (added to its log-features, exact scores or pooling weights).
+``approximate_attention`` is what a rewritten graph calls: SDPA's arguments and one form.
 
 Every form except ``exact_attention`` runs in memory linear in L: no L x L tensor is formed (the
 sparse parts work on blocks of CHUNK queries at a time, the low-rank parts keep an m x dv state).
@@ -68,23 +71,46 @@ def _log_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _valid_keys(mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
     """[B, 1, L] bool, True where a key may be attended."""
+    return _key_bias(mask, k)[0]
+
+
+def _key_bias(mask: torch.Tensor | None, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([B, 1, L] bool, True where a key may be attended; [B, 1, L] float bias added to its scores,
+    -inf where masked, or None for a bool mask)."""
     if mask is None:
-        return torch.ones(k.shape[0], 1, k.shape[2], dtype=torch.bool, device=k.device)
+        return torch.ones(k.shape[0], 1, k.shape[2], dtype=torch.bool, device=k.device), None
     if mask.shape != (k.shape[0], k.shape[2]):
-        raise LrccError(f"attention: key padding mask is {tuple(mask.shape)}, expected [B, L] = "
+        raise LrccError(f"attention: key mask is {tuple(mask.shape)}, expected [B, L] = "
                         f"{[k.shape[0], k.shape[2]]}")
-    return mask[:, None, :].to(torch.bool)
+    if mask.dtype == torch.bool:
+        return mask[:, None, :], None
+    if not mask.dtype.is_floating_point:
+        raise LrccError(f"attention: key mask must be bool or floating point, got {mask.dtype}")
+    bias = mask.float()
+    bias = bias.masked_fill(bias <= torch.finfo(mask.dtype).min, float("-inf"))[:, None, :]
+    return bias > float("-inf"), bias
+
+
+def _key_weights(mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L] weights exp(b_j - max_j b_j) (0 where masked; the common factor cancels between
+    numerator and normaliser), or the valid keys as 0/1 for a bool mask."""
+    valid, bias = _key_bias(mask, k)
+    if bias is None:
+        return valid.float()
+    top = bias.amax(-1, keepdim=True)
+    return torch.exp(bias - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
 
 
 def exact_attention(q, k, v, mask=None):
     """Softmax attention (the reference; forms the L x L scores)."""
-    attn = None if mask is None else mask[:, None, None, :].to(torch.bool)
+    attn = None if mask is None else mask[:, None, None, :]
+    attn = attn if attn is None or attn.dtype == torch.bool else attn.float()
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn)
 
 
 def elu_attention(q, k, v, mask=None, eps: float = 1e-6):
     """Linear attention with phi = elu + 1, O(L)."""
-    km = _valid_keys(mask, k)[..., None]
+    km = _key_weights(mask, k)[..., None]
     fq, fk = F.elu(q.float()) + 1, (F.elu(k.float()) + 1) * km
     kv = fk.transpose(-1, -2) @ v.float()
     z = fk.sum(-2)
@@ -120,7 +146,7 @@ def select_global_keys(q, k, n: int, mask=None, clusters: int = 1, iterations: i
     if clusters < 1 or iterations < 1:
         raise LrccError(f"select_global_keys: need clusters >= 1 and iterations >= 1, got {clusters}, {iterations}")
     L = q.shape[2]
-    valid = _valid_keys(mask, k)  # [B, 1, L]
+    valid, bias = _key_bias(mask, k)  # [B, 1, L]
     qf, weights = q.float(), valid[..., None].float()
     clusters = min(clusters, L)
     centroids = qf[:, :, torch.linspace(0, L - 1, clusters).round().long()]  # [B, H, c, d]
@@ -130,7 +156,10 @@ def select_global_keys(q, k, n: int, mask=None, clusters: int = 1, iterations: i
         member = F.one_hot(assign, clusters).float() * weights  # [B, H, L, c]
         count = member.sum(-2)[..., None]
         centroids = torch.where(count > 0, member.transpose(-1, -2) @ qf / count.clamp(min=1), centroids)
-    score = (centroids @ k.float().transpose(-1, -2)).masked_fill(~valid[:, :, None, :], float("-inf"))
+    score = centroids @ k.float().transpose(-1, -2)
+    if bias is not None:  # the keys' bias, on the scale of q . k (the scores divide by sqrt(d))
+        score = score + math.sqrt(q.shape[-1]) * bias[:, :, None, :]
+    score = score.masked_fill(~valid[:, :, None, :], float("-inf"))
     return score.topk(min(n, L), dim=-1).indices, assign
 
 
@@ -165,11 +194,14 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
         raise LrccError(f"attention: global_keys must be >= 0, got {global_keys}")
     B, H, L, d = q.shape
     qf, kf, vf = q.float(), k.float(), v.float()
-    valid = _valid_keys(mask, k)  # [B, 1, L]
+    valid, bias = _key_bias(mask, k)  # [B, 1, L]
     tiny = torch.finfo(torch.float32).tiny
     if w is not None:
         m = w.shape[0]
-        lk = _log_features(kf, w).masked_fill(~valid[..., None], float("-inf"))  # [B, H, L, m]
+        lk = _log_features(kf, w)
+        if bias is not None:  # exp(b_j) phi(k_j): the bias joins the key's log-features
+            lk = lk + bias[..., None]
+        lk = lk.masked_fill(~valid[..., None], float("-inf"))  # [B, H, L, m]
         b = lk.amax(-2, keepdim=True)  # per-feature key shift: each feature's largest phi(k) becomes 1
         b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
         lq = _log_features(qf, w) + b  # the shift moves to the query side
@@ -191,14 +223,17 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
             r0, r1 = max(0, c0 - window), min(L, c1 + window)
             off = torch.arange(r0, r1, device=q.device)[None, :] - rows[:, None]
             sup = (off.abs() <= window)[None, None] & valid[:, :, None, r0:r1]  # [B, 1, C, R]
-            parts.append((kf[:, :, r0:r1], vf[:, :, r0:r1], fk[:, :, r0:r1] if w is not None else None, sup))
+            kb = None if bias is None else bias[:, :, None, r0:r1]  # [B, 1, 1, R]
+            parts.append((kf[:, :, r0:r1], vf[:, :, r0:r1], fk[:, :, r0:r1] if w is not None else None, sup, kb))
         if global_keys > 0:  # the keys of each query's cluster
             idx = keys_of.gather(2, cluster[:, :, c0:c1, None].expand(-1, -1, -1, g))  # [B, H, C, g]
             sup = valid.expand(B, H, L).gather(-1, idx.flatten(2)).view_as(idx)
             if window is not None:  # a global key inside the query's window is already there
                 sup = sup & ((idx - rows[None, None, :, None]).abs() > window)
-            parts.append((_rows(kf, idx), _rows(vf, idx), _rows(fk, idx) if w is not None else None, sup))
-        scores = [(_pairs(qc, keys) / math.sqrt(d)).masked_fill(~sup, float("-inf")) for keys, _, _, sup in parts]
+            kb = None if bias is None else bias.expand(B, H, L).gather(-1, idx.flatten(2)).view_as(idx)
+            parts.append((_rows(kf, idx), _rows(vf, idx), _rows(fk, idx) if w is not None else None, sup, kb))
+        scores = [(_pairs(qc, keys) / math.sqrt(d) + (0 if kb is None else kb)).masked_fill(~sup, float("-inf"))
+                  for keys, _, _, sup, kb in parts]
         c = torch.full((B, H, c1 - c0, 1), float("-inf"), device=q.device)
         for s in scores:
             c = torch.maximum(c, s.amax(-1, keepdim=True))
@@ -212,7 +247,7 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
             scale = torch.where(low_den > 0, torch.exp(low_log[:, :, c0:c1] - c), torch.zeros_like(low_den))
             num = num + scale * (fq[:, :, c0:c1] @ kv)
             den = den + scale * low_den
-        for s, (_, values, fkeys, sup) in zip(scores, parts):
+        for s, (_, values, fkeys, sup, _) in zip(scores, parts):
             e = torch.exp(s - c)  # exact terms on the support, 0 off it
             if w is not None:  # minus the low-rank estimate there: the support is not counted twice
                 e = e - scale * _pairs(fq[:, :, c0:c1], fkeys) * sup
@@ -312,15 +347,62 @@ def linformer_attention(q, k, v, segments: torch.Tensor, mask=None):
     n = bounds.shape[1] - 1
     seg = torch.stack([torch.bucketize(torch.arange(L), bounds[h, 1:-1], right=True) for h in range(H)])
     seg = seg.to(q.device)[None, :, :, None]  # [1, H, L, 1]
-    valid = _valid_keys(mask, k)[..., None].float()  # [B, 1, L, 1]
+    valid = _key_weights(mask, k)[..., None]  # [B, 1, L, 1]: exp(b_j) up to a common factor, 0 if masked
     kf, vf = k.float() * valid, v.float() * valid
 
     def pool(x):
         return torch.zeros(B, H, n, x.shape[-1], device=q.device).scatter_add_(2, seg.expand(B, H, L, x.shape[-1]), x)
 
-    count = pool(valid.expand(B, H, L, 1))  # [B, H, n, 1]
-    kbar, vbar = pool(kf) / count.clamp(min=1), pool(vf) / count.clamp(min=1)
+    count = pool(valid.expand(B, H, L, 1))  # [B, H, n, 1]: the segment's summed key weight
+    tiny = torch.finfo(torch.float32).tiny
+    kbar, vbar = pool(kf) / count.clamp(min=tiny), pool(vf) / count.clamp(min=tiny)
     logits = q.float() @ kbar.transpose(-1, -2) / math.sqrt(d) + torch.log(count).transpose(-1, -2)
     top = logits.amax(-1, keepdim=True)
     e = torch.exp(logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
     return (e @ vbar) / e.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+FORMS = ("performer", "elu", "window", "scatterbrain", "linformer")
+
+
+def sdpa_form_inputs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, scale: float | None):
+    """(q with SDPA's scale folded in for the forms' 1/sqrt(d), the key mask [B, L]) from SDPA's
+    arguments; a mask that varies over heads or queries has no O(L) form and is refused."""
+    d = q.shape[-1]
+    if scale is not None:  # the forms divide scores by sqrt(d): fold the scale in effect into q
+        q = q * (scale * math.sqrt(d))
+    mask = None
+    if attn_mask is not None:
+        m = attn_mask
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        if m.shape[1] != 1 or m.shape[2] != 1:
+            raise LrccError(f"approximate_attention: the mask {tuple(attn_mask.shape)} varies over heads or queries; "
+                            "only a key mask [B, 1, 1, L] has an O(L) form")
+        mask = m[:, 0, 0, :].expand(k.shape[0], k.shape[2])
+    return q, mask
+
+
+def approximate_attention(q, k, v, attn_mask=None, param=None, *, form: str, scale: float | None = None,
+                          window: int | None = None, global_keys: int = 0, clusters: int = 1):
+    """What a rewritten attention site computes: SDPA's q, k, v and attn_mask (a key mask that is the
+    same for every query and head, broadcastable to [B, 1, 1, L]; bool or additive float), in one of
+    FORMS. param: the form's tensor (Performer's and Scatterbrain's random features, m x d;
+    Linformer's segment boundaries, H x (n + 1)), None for elu and window. The result has q's dtype."""
+    if form not in FORMS:
+        raise LrccError(f"approximate_attention: unknown form {form!r}; one of {', '.join(FORMS)}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise LrccError(f"approximate_attention: q, k, v must be [B, H, L, d], got {tuple(q.shape)}, "
+                        f"{tuple(k.shape)}, {tuple(v.shape)}")
+    q, mask = sdpa_form_inputs(q, k, attn_mask, scale)
+    if form == "performer":
+        out = performer_attention(q, k, v, param, mask)
+    elif form == "elu":
+        out = elu_attention(q, k, v, mask)
+    elif form == "window":
+        out = local_attention(q, k, v, window, mask, global_keys, clusters)
+    elif form == "scatterbrain":
+        out = scatterbrain_attention(q, k, v, param, window, mask, global_keys, clusters)
+    else:
+        out = linformer_attention(q, k, v, param, mask)
+    return out.to(q.dtype)

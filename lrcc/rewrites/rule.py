@@ -69,6 +69,7 @@ class Candidate:
     needs_calibration: bool = False
     error_index: int | None = None  # which term of the family's error table; None: knobs["rank"]
     refit: str = "lowrank"          # how the planner refits it on compressed inputs: lowrank | quant | lq | sparse | none
+    cost: Any = None                # an OpCost in the graph's dims where the form is not a chain of products (attention)
 
     @property
     def index(self) -> int:
@@ -80,7 +81,7 @@ class Rule:
     """A rewrite rule: which nodes it looks at, when it applies, what it offers."""
 
     name: str
-    pattern: str                                             # the IR op it matches
+    pattern: str                                             # the IR op it matches, or an aten node's target
     guard: Callable[[Graph, Node], str | None]               # None to accept, else the reason it declines
     offer: Callable[[Graph, Node, dict[str, Any]], list[Candidate]]  # options -> candidates
     law: str                                                 # the law it relies on, with its paper
@@ -103,9 +104,9 @@ def match(g: Graph, rules: list[Rule], options: dict[str, Any] | None = None) ->
     fired = {r.name: 0 for r in rules}
     for n in g.nodes:
         for rule in rules:
-            if n.op != rule.pattern:
+            if n.op != rule.pattern and not (n.op == "aten" and n.attrs.get("target") == rule.pattern):
                 continue
-            site = n.attrs.get("site", n.name)
+            site = site_of(n)
             reason = rule.guard(g, n)
             if reason is not None:
                 rejected.append((site, rule.name, reason))
@@ -119,6 +120,13 @@ def match(g: Graph, rules: list[Rule], options: dict[str, Any] | None = None) ->
     # a rule declining a site that another rule handles is not news; report sites nobody handles
     rejected = [r for r in rejected if r[0] not in cands]
     return Match(cands, rejected, fired)
+
+
+def site_of(n: Node) -> str:
+    """The site name of a node rules match: a linear's attrs["site"], an attention's recorded site."""
+    if "site" in n.attrs:
+        return n.attrs["site"]
+    return n.attrs.get("attention", {}).get("site", n.name)
 
 
 def replace_site(g: Graph, node_name: str, parts: dict[str, torch.Tensor], attrs: dict[str, Any]) -> None:

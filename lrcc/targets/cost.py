@@ -1,11 +1,13 @@
 """Costs on ops: FLOPs and bytes moved as sympy expressions in the graph's dims (B, L, ...)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy
 
 from ..ir.graph import Graph, Node, concrete, numel
+from ..errors import LrccError
 from . import Target
 
 # Operators that only change how a tensor is viewed: no FLOPs, no bytes.
@@ -19,9 +21,20 @@ _VIEWS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "unsqueeze"
 class OpCost:
     flops: sympy.Expr
     bytes: sympy.Expr
+    launches: sympy.Expr = sympy.Integer(1)  # operator launches (a form written as several ops pays each)
+    gpu_launches: sympy.Expr | None = None    # launches where it runs as fused GPU kernels (None: the same)
+
+    def _launches(self, target: Target) -> sympy.Expr:
+        return self.gpu_launches if target.kind == "gpu" and self.gpu_launches is not None else self.launches
 
     def latency(self, target: Target, dims: dict[str, int]) -> float:
-        return target.roofline_s(concrete(self.flops, dims), concrete(self.bytes, dims))
+        extra = (concrete(self._launches(target), dims) - 1) * target.op_overhead_s
+        return target.roofline_s(concrete(self.flops, dims), concrete(self.bytes, dims)) + extra
+
+    def latency_expr(self, target: Target) -> sympy.Expr:
+        """The roofline latency as a sympy expression in the cost's free dims."""
+        return (sympy.Max(self.flops / target.peak_flops, self.bytes / target.bandwidth)
+                + self._launches(target) * target.op_overhead_s)
 
 
 def _itemsize(dtype) -> int:
@@ -70,10 +83,8 @@ def op_cost(g: Graph, n: Node) -> OpCost:
     out = numel(n.shape)
     in_bytes = sum((_tensor_bytes(g, i) for i in n.inputs), zero)
     out_bytes = out * _itemsize(n.dtype)
-    if name in ("scaled_dot_product_attention",):
-        q, k = g[n.inputs[0]], g[n.inputs[1]]
-        flops = 4 * numel(q.shape) * k.shape[-2]
-        return OpCost(flops, in_bytes + out_bytes)
+    if name in ("scaled_dot_product_attention",) or n.attrs["target"] == APPROXIMATE_ATTENTION:
+        return _attention_node_cost(g, n, in_bytes + out_bytes)
     if name in ("matmul", "bmm", "mm"):
         a = g[n.inputs[0]]
         flops = 2 * out * a.shape[-1]
@@ -83,6 +94,125 @@ def op_cost(g: Graph, n: Node) -> OpCost:
     if name in ("softmax", "_softmax", "layer_norm", "native_layer_norm", "gelu"):
         return OpCost(8 * out, in_bytes + out_bytes)
     return OpCost(out, in_bytes + out_bytes)
+
+
+# --- attention, symbolic in the sequence length ----------------------------------------------------------
+APPROXIMATE_ATTENTION = "lrcc.rewrites.linear_attention.approximate_attention"
+EXP_FLOPS = 8  # a vectorised exp (range reduction and a polynomial) costs about 8 multiply-adds
+
+
+def _bytes_io(g: Graph, n: Node) -> sympy.Expr:
+    """Bytes of a node's inputs and output."""
+    zero = sympy.Integer(0)
+    return sum((_tensor_bytes(g, i) for i in n.inputs), zero) + (numel(n.shape) * _itemsize(n.dtype) if n.shape else zero)
+
+
+def _attention_node_cost(g: Graph, n: Node, io_bytes: sympy.Expr) -> OpCost:
+    q, k, v = (g[r] for r in n.inputs[:3])
+    B, H, Lq, d = q.shape
+    Lk, dv = k.shape[-2], v.shape[-1]
+    if n.attrs["target"] == APPROXIMATE_ATTENTION:
+        kw = n.attrs["kwargs"]
+        cost = attention_cost(kw["form"], _form_knobs(g, n), B, H, Lq, Lk, d, dv)
+    else:
+        cost = attention_cost("exact", {}, B, H, Lq, Lk, d, dv)
+    return OpCost(cost.flops, cost.bytes + io_bytes, cost.launches, cost.gpu_launches)
+
+
+def _form_knobs(g: Graph, n: Node) -> dict:
+    """The knobs attention_cost reads, from an approximate_attention node."""
+    kw = n.attrs["kwargs"]
+    knobs = {"window": kw.get("window"), "global_keys": kw.get("global_keys", 0), "clusters": kw.get("clusters", 1)}
+    param = n.attrs["args"][4] if len(n.attrs["args"]) > 4 else None
+    if param is not None and hasattr(param, "name"):
+        t = g.tensor(param.name)
+        knobs["features" if kw["form"] in ("performer", "scatterbrain") else "segments"] = int(
+            t.shape[0] if kw["form"] != "linformer" else t.shape[1] - 1)
+    return knobs
+
+
+def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
+    """FLOPs, bytes moved beyond q, k, v and the output, and launches of one attention in `form`, as
+    sympy expressions in the sizes (any of which may be symbols). The counts follow lrcc's torch
+    implementations (lrcc.rewrites.linear_attention): products 2 FLOPs per multiply-add, an exp
+    EXP_FLOPS, the fp32 intermediates written and read once each.
+
+    exact         4 Lq Lk d-ish products and Lq Lk exps; the fused kernel (flash attention on GPUs,
+                  torch's blocked kernel on CPUs) keeps the scores on chip.
+    performer     features of q and k (2 L d m each, m exps), the m x dv state and its product.
+    elu           the same with d features and no exps.
+    window        per block of CHUNK queries, scores against CHUNK + 2 window keys; global keys per
+                  query; choosing them: k-means (2 steps) and the centroids' scores, 6 L clusters d.
+    scatterbrain  window + performer, and the low-rank estimate on the support (m per pair).
+    linformer     pooling (L (d + dv)), scores and values against n segment means.
+    """
+    from ..rewrites.linear_attention import CHUNK
+    BH = B * H
+    Lq, Lk, d, dv = (sympy.sympify(x) for x in (Lq, Lk, d, dv))
+    f4 = 4  # bytes per fp32 element
+    if form == "exact":
+        return OpCost(BH * Lq * Lk * (2 * d + 2 * dv + EXP_FLOPS + 3), sympy.Integer(0), sympy.Integer(1))
+    if form in ("performer", "elu"):
+        m = sympy.Integer(knobs["features"]) if form == "performer" else d
+        exp = EXP_FLOPS if form == "performer" else 2
+        per = (Lq + Lk) * (2 * d * m + m * (exp + 3)) + 2 * Lk * m * dv + 2 * Lq * m * (dv + 1) + Lq * dv
+        moved = 4 * (Lq + Lk) * m * f4
+        # GPU: Performer runs the Scatterbrain kernel with an empty support (key state in torch, one
+        # kernel); elu+1 runs its torch code
+        return OpCost(BH * per, BH * moved, sympy.Integer(18 if form == "performer" else 10),
+                      sympy.Integer(8) if form == "performer" else None)
+    if form in ("window", "scatterbrain"):
+        r = int(knobs.get("window") or 0)
+        g = int(knobs.get("global_keys") or 0)
+        c = int(knobs.get("clusters") or 1)
+        m = int(knobs.get("features") or 0) if form == "scatterbrain" else 0
+        block = sympy.Min(CHUNK, Lq) + 2 * r if knobs.get("window") is not None else 0
+        pair = 2 * d + 2 * dv + 2 * m + EXP_FLOPS + 4
+        per = Lq * (block + g) * pair
+        moved = Lq * g * (d + dv + m) * f4 * 2 + Lq * (block + g) * f4 * 3
+        if g:
+            per += 6 * Lq * c * d + Lq * c * 4
+            moved += 6 * Lq * c * f4
+        launches = 30 * sympy.ceiling(Lq / CHUNK) + 12 + (20 if g else 0)
+        # GPU: Scatterbrain runs the Triton kernel (codegen/triton/scatterbrain.py: the key state in torch,
+        # the global keys' k-means in torch, one kernel); the window form runs its torch code there too
+        cost = OpCost(BH * per, BH * moved, launches, None if form == "window" else sympy.Integer(2 + (20 if g else 0)))
+        if m:
+            low = attention_cost("performer", {"features": m}, B, H, Lq, Lk, d, dv)
+            cost = OpCost(cost.flops + low.flops, cost.bytes + low.bytes, cost.launches + low.launches,
+                          cost.gpu_launches + 6)
+        return cost
+    if form == "linformer":
+        n = sympy.Integer(knobs["segments"])
+        per = 2 * Lk * (d + dv + 1) + Lq * n * (2 * d + 2 * dv + EXP_FLOPS + 3)
+        moved = (Lk * (d + dv) + 2 * Lq * n) * f4
+        return OpCost(BH * per, BH * moved, sympy.Integer(16), sympy.Integer(8))
+    raise LrccError(f"attention_cost: unknown form {form!r}")
+
+
+def crossover_length(form: str, knobs: dict, target: Target, heads: int, d: int, dv: int,
+                     batch: int = 1, limit: int = 1 << 24) -> int | None:
+    """The least sequence length L (queries = keys) from which `form` is estimated faster than exact
+    attention on `target`, and stays faster up to `limit`; None if it is not faster at `limit`.
+    Both latencies are sympy expressions in L; their difference is bracketed on powers of two and
+    the crossing found by bisection on integers."""
+    ell = sympy.Symbol("L", integer=True, positive=True)
+    diff = (attention_cost(form, knobs, batch, heads, ell, ell, d, dv).latency_expr(target)
+            - attention_cost("exact", {}, batch, heads, ell, ell, d, dv).latency_expr(target))
+    f = sympy.lambdify(ell, diff, modules=[{"ceiling": math.ceil, "Max": max, "Min": min}, "math"])
+    if f(limit) >= 0:
+        return None
+    hi = limit
+    lo = hi
+    while lo > 1 and f(lo) < 0:  # the largest power of two below the crossing (or 1)
+        lo //= 2
+    if f(lo) < 0:
+        return lo
+    hi = lo * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if f(mid) >= 0 else (lo, mid)
+    return hi
 
 
 def graph_latency(g: Graph, target: Target, dims: dict[str, int]) -> float:

@@ -311,6 +311,28 @@ def encode_batches(sentences: list[str], batch_size: int = 64, max_length: int =
     return out
 
 
+def packed_sequences(sentences: list[str], n: int, length: int) -> torch.Tensor:
+    """n sequences of exactly `length` tokens of running text ([CLS] ... [SEP]), sentences joined
+    in order until each is full: input_ids [n, length] with no padding."""
+    tok = tokenizer()
+    rows, text = [], []
+    for s in sentences:
+        text.append(s)
+        ids, _ = tok.encode([" ".join(text)], max_length=length)
+        if ids.shape[1] >= length:
+            rows.append(ids[0, :length])
+            text = []
+            if len(rows) == n:
+                return torch.stack(rows)
+    raise LrccError(f"the sentences fill only {len(rows)} sequences of {length} tokens; ask for fewer")
+
+
+def packed_batches(sentences: list[str], n: int, length: int, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """packed_sequences as (input_ids, attention_mask) batches of batch_size sequences."""
+    ids = packed_sequences(sentences, n, length)
+    return [(ids[k:k + batch_size], torch.ones_like(ids[k:k + batch_size])) for k in range(0, n, batch_size)]
+
+
 def save_calibration(path: str | Path, n_sentences: int = 1280, batch_size: int = 64, seed: int = 0) -> Path:
     """Write calibration batches of the offline corpus for `lrcc compile --calibration`."""
     from .corpus import splits

@@ -105,21 +105,25 @@ def template_name(causal: bool) -> str:
     return "causal_linear_attention" if causal else "linear_attention"
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature: str, eps: float) -> None:
+def check_qkv(what: str, q, k, v) -> None:
+    """The checks every attention kernel makes of q, k [B, H, L, d] and v [B, H, L, dv]."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise LrccError(f"linear_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise LrccError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise LrccError(f"linear_attention: {name} must be [B, H, L, D], got rank {t.dim()} "
-                            f"shape {tuple(t.shape)}")
+            raise LrccError(f"{what}: {name} must be [B, H, L, d], got rank {t.dim()} shape {tuple(t.shape)}")
         if t.dtype not in DTYPES:
-            raise LrccError(f"linear_attention: {name} is {t.dtype}; use float32, float16 or bfloat16")
+            raise LrccError(f"{what}: {name} is {t.dtype}; use float32, float16 or bfloat16")
     if q.shape != k.shape:
-        raise LrccError(f"linear_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+        raise LrccError(f"{what}: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
     if v.shape[:3] != q.shape[:3]:
-        raise LrccError(f"linear_attention: v {tuple(v.shape)} must share B, H, L with q {tuple(q.shape)}")
+        raise LrccError(f"{what}: v {tuple(v.shape)} must share B, H, L with q {tuple(q.shape)}")
     if q.shape[-1] == 0 or v.shape[-1] == 0:
-        raise LrccError(f"linear_attention: head dims must be >= 1, got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
+        raise LrccError(f"{what}: head dims must be >= 1, got d={q.shape[-1]}, dv={v.shape[-1]}")
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature: str, eps: float) -> None:
+    check_qkv("linear_attention", q, k, v)
     if q.shape[-1] > MAX_DK:
         raise LrccError(f"linear_attention: Dk={q.shape[-1]} > {MAX_DK}: the kernels keep the key dimension "
                         f"in one tile; use fewer features or split the heads")
