@@ -206,7 +206,7 @@ def _context(report: Report, plot: dict[str, Any]) -> dict[str, Any]:
             "rejected": [{"site": r.get("site", DASH), "rule": r.get("rule", DASH), "reason": r.get("reason", "")}
                          for r in report.rejected],
             "timings": [{"stage": k, "seconds": f"{s:.1f} s"} for k, s in report.timings.items()],
-            "plot": plot, "arena": _arena(report),
+            "plot": plot, "arena": _arena(report), "attention": _attention(report),
             "n_candidates": len(report.candidates), "n_sites": len({c["site"] for c in report.candidates})}
 
 
@@ -247,6 +247,18 @@ def _check(what: str, limit: str, reached: str, ok: bool | None) -> dict[str, st
     verdict = {True: "within", False: "OVER", None: DASH}[ok]
     return {"what": what, "limit": limit, "reached": reached, "verdict": verdict,
             "status": {True: "ok", False: "over", None: "unknown"}[ok]}
+
+
+def _attention(report: Report) -> list[dict[str, Any]]:
+    """Per attention shape: each form's crossover length per target, as table rows."""
+    out = []
+    for a in report.attention:
+        targets = sorted({t for f in a["forms"] for t in f["crossover"]}, key=lambda t: (t != report.target, t))
+        rows = [{"choice": f["choice"], "cells": [DASH if f["crossover"].get(t) is None else f"{f['crossover'][t]:,}"
+                                                  for t in targets]} for f in a["forms"]]
+        out.append({"shape": f"{a['heads']} heads x {a['head_dim']}", "length": a["length"],
+                    "sites": ", ".join(a["sites"]), "targets": targets, "rows": rows})
+    return out
 
 
 def _arena(report: Report) -> dict[str, Any] | None:

@@ -153,8 +153,8 @@ def test_linformer_needs_a_fixed_length() -> None:
 @pytest.fixture(scope="module")
 def compiled():
     model = _encoder()
-    L = 384
-    cal = [_batch(i, L) for i in range(6)]
+    L = 1024
+    cal = [_batch(i, L, 1) for i in range(6)]
     cm = lrcc.compile(model, cal[0], budget=lrcc.Budget(latency=0.9), calibration=cal,
                       options={"attention_features": (16,), "attention_budgets": (16,), "sensitivity_samples": 8})
     return model, cm, cal
@@ -212,8 +212,8 @@ def test_short_sequences_keep_attention_exact() -> None:
 
 def test_fixed_length_offers_fitted_linformer() -> None:
     model = _encoder()
-    L = 512
-    cal = [_batch(i, L) for i in range(4)]
+    L = 1024
+    cal = [_batch(i, L, 1) for i in range(4)]
     cm = lrcc.compile(model, cal[0], budget=lrcc.Budget(latency=0.95), calibration=cal,
                       options={"fixed_length": True, "attention_forms": (), "linformer_segments": (16,),
                                "sensitivity_samples": 8})
@@ -222,7 +222,7 @@ def test_fixed_length_offers_fitted_linformer() -> None:
     seg = [cm.graph.tensors[k] for k in cm.graph.tensors if k.endswith("attention_linformer")]
     assert seg and all(s.shape == (CFG.num_attention_heads, 17) for s in seg)
     assert all(bool((s[:, 0] == 0).all() and (s[:, -1] == L).all()) for s in seg)
-    with pytest.raises(LrccError, match="compiled for size 512 in dim 1"):
+    with pytest.raises(LrccError, match="compiled for size 1024 in dim 1"):
         with torch.no_grad():
             cm(*_batch(9, L // 2))
 
@@ -250,3 +250,65 @@ def test_gpu_lowering_runs_the_triton_kernel(form) -> None:
         want = cpu(*x)
         got = gpu.to(device())(*(t.to(device()) for t in x)).cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_launch_counts_are_what_the_torch_forms_dispatch(monkeypatch) -> None:
+    """The cost model's operator counts (LAUNCHES) are those of lrcc's torch code: counted here."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lrcc.rewrites.linear_attention import CHUNK
+    from lrcc.targets.cost import LAUNCHES
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def count(form, L, param=None, **kw) -> int:
+        q, k, v = (torch.randn(1, 3, L, 8) for _ in range(3))
+        mask = torch.ones(1, 1, 1, L, dtype=torch.bool)
+        with Count() as c:
+            la.approximate_attention(q, k, v, mask, param, form=form, scale=0.3, **kw)
+        return c.n
+
+    w = la.orthogonal_features(8, 4)
+    for L in (2 * CHUNK, 4 * CHUNK):  # (a single block dispatches 2 fewer)
+        chunks = -(-L // CHUNK)
+        assert count("performer", L, w) == LAUNCHES["performer"]
+        assert count("elu", L) == LAUNCHES["elu"]
+        assert count("linformer", L, torch.linspace(0, L, 9).round().long().expand(3, 9)) == LAUNCHES["linformer"]
+        window = LAUNCHES["window"] + LAUNCHES["window_chunk"] * chunks
+        assert count("window", L, window=3) == window
+        for dense in (True, False):  # all clusters' keys per block, or gathered per query
+            monkeypatch.setattr(la, "DENSE_GLOBAL", 256 if dense else 0)
+            kind = "global_dense" if dense else "global"
+            glob = LAUNCHES[kind] + LAUNCHES[kind + "_chunk"] * chunks
+            got = count("scatterbrain", L, w, window=3, global_keys=5, clusters=2)
+            assert got == window + glob + LAUNCHES["performer"], (dense, got)
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_dense_and_gathered_global_keys_agree(monkeypatch, window) -> None:
+    torch.manual_seed(4)
+    q, k, v = torch.randn(2, 2, 300, 8), torch.randn(2, 2, 300, 8), torch.randn(2, 2, 300, 6)
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1, 250:] = False
+    w = la.orthogonal_features(8, 4)
+    monkeypatch.setattr(la, "DENSE_GLOBAL", 256)
+    dense = la.scatterbrain_attention(q, k, v, w, window, mask, global_keys=7, clusters=3)
+    monkeypatch.setattr(la, "DENSE_GLOBAL", 0)
+    gathered = la.scatterbrain_attention(q, k, v, w, window, mask, global_keys=7, clusters=3)
+    torch.testing.assert_close(dense, gathered, rtol=1e-5, atol=1e-6)
+
+
+def test_html_report_lists_the_crossovers(compiled, tmp_path) -> None:
+    from lrcc.report_html import write_html
+    _, cm, _ = compiled
+    page = write_html(cm.report, tmp_path / "r").read_text()
+    assert 'id="attention"' in page and "Performer, 16 features" in page
+    first = cm.report.attention[0]["forms"][0]["crossover"]["cpu"]
+    assert f"{first:,}" in page

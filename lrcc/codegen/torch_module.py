@@ -102,17 +102,28 @@ def site_module(g: Graph, n: Node, gpu: bool = False) -> nn.Module:
 class OpModule(nn.Module):
     """One operator as a module, so that an attention site can be watched (hooks see its tensor
     inputs and its output) and found by name like a linear site: forward(*tensors) calls the
-    operator with the node's argument template, the i-th Ref filled with the i-th tensor."""
+    operator with the node's argument template, the i-th Ref filled with the i-th tensor. Refs
+    named in `consts` (the form's own tensors, e.g. random features) are the module's buffers, so
+    an exact and a rewritten site take the same inputs."""
 
-    def __init__(self, fn, args, kwargs) -> None:
+    def __init__(self, fn, args, kwargs, consts: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.fn = fn
+        consts = consts or {}
+        names: dict[str, str] = {}
+        for i, (ref, t) in enumerate(consts.items()):
+            names[ref] = f"const{i}"
+            self.register_buffer(f"const{i}", t)
         slots = iter(range(1 << 30))
-        self.args = map_refs(args, lambda r: _Slot(next(slots)))
-        self.kwargs = map_refs(kwargs, lambda r: _Slot(next(slots)))
+
+        def slot(r: Ref):
+            return _Slot(names[r.name]) if r.name in names else _Slot(next(slots))
+        self.args = map_refs(args, slot)
+        self.kwargs = map_refs(kwargs, slot)
 
     def forward(self, *xs):
-        fill = lambda t: xs[t.index] if isinstance(t, _Slot) else t  # noqa: E731
+        fill = lambda t: (getattr(self, t.index) if isinstance(t.index, str) else xs[t.index]) \
+            if isinstance(t, _Slot) else t  # noqa: E731
         return self.fn(*_fill(self.args, fill), **_fill(self.kwargs, fill))
 
 
@@ -192,9 +203,11 @@ def lower_to_torch(g: Graph, gpu: bool = False) -> Lowered:
             fn = resolve_target(n.attrs["target"])
             if gpu and n.attrs["target"] == APPROXIMATE_ATTENTION:  # Performer / Scatterbrain on the Triton kernel
                 from .triton.scatterbrain import approximate_attention_triton as fn
-            root.attention.add_module(attr, OpModule(fn, n.attrs["args"], n.attrs["kwargs"]))
+            refs = refs_in((n.attrs["args"], n.attrs["kwargs"]))
+            consts = {r: g.tensors[g[r].attrs["ref"]] for r in refs if g[r].op == "param"}
+            root.attention.add_module(attr, OpModule(fn, n.attrs["args"], n.attrs["kwargs"], consts))
             site_names[site] = f"attention.{attr}"
-            tensors = [value(Ref(r)) for r in refs_in((n.attrs["args"], n.attrs["kwargs"]))]
+            tensors = [value(Ref(r)) for r in refs if r not in consts]
             env[n.name] = fx.call_module(f"attention.{attr}", tuple(tensors))
         elif n.op == "aten":
             fn = resolve_target(n.attrs["target"])

@@ -183,6 +183,10 @@ def split_budget(budget: int, sparse_share: float = 0.75) -> ScatterbrainBudget:
 
 
 CHUNK = 128  # queries per block of the sparse part: memory O(L (CHUNK + 2 window + global + m)), linear in L
+# Up to this many global keys in all (clusters x keys per cluster), each block of queries is scored
+# against all of them in one dense product and masked to each query's own cluster: more products, but
+# no per-query gathers, which cost more on CPUs; above it the keys are gathered per query.
+DENSE_GLOBAL = 256
 
 
 def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, clusters: int,
@@ -212,6 +216,13 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
     if global_keys > 0:
         keys_of, cluster = select_global_keys(qf, kf, global_keys, mask, clusters)  # [B, H, c, g], [B, H, L]
         g = keys_of.shape[-1]
+        dense = keys_of.shape[2] * g <= DENSE_GLOBAL
+        if dense:  # every cluster's keys gathered once; a query's support is its own cluster's
+            flat = keys_of.flatten(2)  # [B, H, c g]
+            owner = torch.arange(keys_of.shape[2], device=q.device).repeat_interleave(g)  # [c g]
+            g_rows = [_rows(x, flat[:, :, None])[:, :, 0] for x in ((kf, vf, fk) if w is not None else (kf, vf))]
+            g_valid = valid.expand(B, H, L).gather(-1, flat)  # [B, H, c g]
+            g_bias = None if bias is None else bias.expand(B, H, L).gather(-1, flat)[:, :, None, :]
     out = torch.empty(B, H, L, vf.shape[-1], device=q.device)
     step = CHUNK if window is not None or global_keys > 0 else L  # low-rank alone: O(L m) in one step
     for c0 in range(0, L, step):
@@ -225,7 +236,12 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
             sup = (off.abs() <= window)[None, None] & valid[:, :, None, r0:r1]  # [B, 1, C, R]
             kb = None if bias is None else bias[:, :, None, r0:r1]  # [B, 1, 1, R]
             parts.append((kf[:, :, r0:r1], vf[:, :, r0:r1], fk[:, :, r0:r1] if w is not None else None, sup, kb))
-        if global_keys > 0:  # the keys of each query's cluster
+        if global_keys > 0 and dense:  # all clusters' keys for the block, each query's own cluster in its support
+            sup = (owner == cluster[:, :, c0:c1, None]) & g_valid[:, :, None, :]  # [B, H, C, c g]
+            if window is not None:  # a global key inside the query's window is already there
+                sup = sup & ((flat[:, :, None, :] - rows[None, None, :, None]).abs() > window)
+            parts.append((g_rows[0], g_rows[1], g_rows[2] if w is not None else None, sup, g_bias))
+        elif global_keys > 0:  # the keys of each query's cluster, gathered per query
             idx = keys_of.gather(2, cluster[:, :, c0:c1, None].expand(-1, -1, -1, g))  # [B, H, C, g]
             sup = valid.expand(B, H, L).gather(-1, idx.flatten(2)).view_as(idx)
             if window is not None:  # a global key inside the query's window is already there
@@ -345,8 +361,8 @@ def linformer_attention(q, k, v, segments: torch.Tensor, mask=None):
                         f"sequence has L={L}; Linformer's projections are for one fixed length: fit them "
                         f"(fit_linformer_segments) on calibration sequences of length {L}, or pad to it with a mask")
     n = bounds.shape[1] - 1
-    seg = torch.stack([torch.bucketize(torch.arange(L), bounds[h, 1:-1], right=True) for h in range(H)])
-    seg = seg.to(q.device)[None, :, :, None]  # [1, H, L, 1]
+    inner = bounds[:, 1:-1].to(q.device)  # [H, n - 1]: each position's segment counts the bounds at or below it
+    seg = (torch.arange(L, device=q.device)[None, :, None] >= inner[:, None, :]).sum(-1)[None, :, :, None]  # [1, H, L, 1]
     valid = _key_weights(mask, k)[..., None]  # [B, 1, L, 1]: exp(b_j) up to a common factor, 0 if masked
     kf, vf = k.float() * valid, v.float() * valid
 

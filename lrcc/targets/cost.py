@@ -99,6 +99,10 @@ def op_cost(g: Graph, n: Node) -> OpCost:
 # --- attention, symbolic in the sequence length ----------------------------------------------------------
 APPROXIMATE_ATTENTION = "lrcc.rewrites.linear_attention.approximate_attention"
 EXP_FLOPS = 8  # a vectorised exp (range reduction and a polynomial) costs about 8 multiply-adds
+# Operators each form dispatches in lrcc's torch code (counted with a TorchDispatchMode, views
+# included): fixed, and per block of CHUNK queries for the window and global-key parts.
+LAUNCHES = {"performer": 92, "elu": 31, "linformer": 69, "window": 6, "window_chunk": 52, "global": 38,
+            "global_chunk": 110, "global_dense": 64, "global_dense_chunk": 88}
 
 
 def _bytes_io(g: Graph, n: Node) -> sympy.Expr:
@@ -146,7 +150,7 @@ def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
     scatterbrain  window + performer, and the low-rank estimate on the support (m per pair).
     linformer     pooling (L (d + dv)), scores and values against n segment means.
     """
-    from ..rewrites.linear_attention import CHUNK
+    from ..rewrites.linear_attention import CHUNK, DENSE_GLOBAL
     BH = B * H
     Lq, Lk, d, dv = (sympy.sympify(x) for x in (Lq, Lk, d, dv))
     f4 = 4  # bytes per fp32 element
@@ -159,7 +163,7 @@ def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
         moved = 4 * (Lq + Lk) * m * f4
         # GPU: Performer runs the Scatterbrain kernel with an empty support (key state in torch, one
         # kernel); elu+1 runs its torch code
-        return OpCost(BH * per, BH * moved, sympy.Integer(18 if form == "performer" else 10),
+        return OpCost(BH * per, BH * moved, sympy.Integer(LAUNCHES["performer" if form == "performer" else "elu"]),
                       sympy.Integer(8) if form == "performer" else None)
     if form in ("window", "scatterbrain"):
         r = int(knobs.get("window") or 0)
@@ -168,12 +172,19 @@ def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
         m = int(knobs.get("features") or 0) if form == "scatterbrain" else 0
         block = sympy.Min(CHUNK, Lq) + 2 * r if knobs.get("window") is not None else 0
         pair = 2 * d + 2 * dv + 2 * m + EXP_FLOPS + 4
-        per = Lq * (block + g) * pair
-        moved = Lq * g * (d + dv + m) * f4 * 2 + Lq * (block + g) * f4 * 3
+        dense = c * g <= DENSE_GLOBAL  # all clusters' keys scored densely per block, else gathered per query
+        per_query = c * g if dense else g
+        per = Lq * (block + per_query) * pair
+        moved = Lq * (block + per_query) * f4 * 3
+        moved += (c * g if dense else Lq * g) * (d + dv + m) * f4 * 2  # the global rows, gathered
         if g:
             per += 6 * Lq * c * d + Lq * c * 4
             moved += 6 * Lq * c * f4
-        launches = 30 * sympy.ceiling(Lq / CHUNK) + 12 + (20 if g else 0)
+        chunks = sympy.ceiling(Lq / CHUNK)
+        launches = LAUNCHES["window"] + LAUNCHES["window_chunk"] * chunks
+        if g:
+            kind = "global_dense" if dense else "global"
+            launches += LAUNCHES[kind] + LAUNCHES[kind + "_chunk"] * chunks
         # GPU: Scatterbrain runs the Triton kernel (codegen/triton/scatterbrain.py: the key state in torch,
         # the global keys' k-means in torch, one kernel); the window form runs its torch code there too
         cost = OpCost(BH * per, BH * moved, launches, None if form == "window" else sympy.Integer(2 + (20 if g else 0)))
@@ -186,7 +197,7 @@ def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
         n = sympy.Integer(knobs["segments"])
         per = 2 * Lk * (d + dv + 1) + Lq * n * (2 * d + 2 * dv + EXP_FLOPS + 3)
         moved = (Lk * (d + dv) + 2 * Lq * n) * f4
-        return OpCost(BH * per, BH * moved, sympy.Integer(16), sympy.Integer(8))
+        return OpCost(BH * per, BH * moved, sympy.Integer(LAUNCHES["linformer"]), sympy.Integer(8))
     raise LrccError(f"attention_cost: unknown form {form!r}")
 
 
