@@ -11,7 +11,8 @@
    under a latency budget and measures errors on packed text of --calibration-length tokens; then
    the exact and the compiled model run at L = 1024 ... 8192: wall time (median of --repeats) and
    peak memory, each in a fresh process (peak RSS from VmHWM, minus the RSS after loading the
-   model and building the input), so the memory is the forward pass's own.
+   model, one warm-up pass at 16 tokens and building the input), so the memory is the forward
+   pass's own.
 
 3. The planner's choices under Budget(latency=--choice-budget) as the priced length grows from 128
    to 4096: how many attention sites it replaces, with which forms, and how many linear
@@ -69,15 +70,37 @@ def layer_forms() -> list[tuple[str, dict, str]]:
     return out
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn, repeats: int, min_seconds: float = 0.0, best: bool = False) -> float:
+    """Wall time of fn over at least `repeats` runs, and as many as fit in min_seconds: the median,
+    or with best=True the fastest run (noise on a shared machine only ever adds time)."""
     with torch.inference_mode():
         fn()
-        times = []
-        for _ in range(repeats):
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < repeats or time.perf_counter() - start < min_seconds:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times) if best else statistics.median(times)
+
+
+def fitted_crossover(exact: dict[int, float], form: dict[int, float]) -> int | None:
+    """The crossing of relative least-squares fits, exact ~ a + b L + c L^2 and form ~ a + b L, over the grid:
+    the least integer L from which the fitted form is faster at every longer length up to the grid's
+    end (None if it is not faster there)."""
+    lengths = sorted(exact)
+    xs = torch.tensor(lengths, dtype=torch.float64)
+    def fit(cols, ys):  # relative least squares: each length's timing weighs alike, short or long
+        y = torch.tensor(ys, dtype=torch.float64)
+        return torch.linalg.lstsq(torch.stack(cols, 1) / y[:, None], torch.ones(len(ys), 1, dtype=torch.float64)).solution[:, 0]
+    ce = fit([xs ** 0, xs, xs ** 2], [exact[L] for L in lengths])
+    cf = fit([xs ** 0, xs], [form[L] for L in lengths])
+    ell = torch.arange(1, lengths[-1] + 1, dtype=torch.float64)
+    slower = (cf[0] + cf[1] * ell >= ce[0] + ce[1] * ell + ce[2] * ell * ell).nonzero()
+    if len(slower) == 0:
+        return 1
+    last = int(slower[-1]) + 1  # the longest length at which the fitted form is not faster
+    return None if last >= lengths[-1] else last + 1
 
 
 def layer_table(repeats: int) -> tuple[str, list[dict]]:
@@ -89,7 +112,7 @@ def layer_table(repeats: int) -> tuple[str, list[dict]]:
         q, k, v = (torch.randn(1, HEADS, L, HEAD_DIM, generator=gen) for _ in range(3))
         mask = torch.ones(1, 1, 1, L, dtype=torch.bool)
         scale = HEAD_DIM ** -0.5
-        times["exact"][L] = _time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), repeats)
+        times["exact"][L] = _time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), repeats, 0.5, best=True)
         for form, knobs, label in forms:
             param = None
             if form in ("performer", "scatterbrain"):
@@ -99,7 +122,7 @@ def layer_table(repeats: int) -> tuple[str, list[dict]]:
                 param = torch.linspace(0, L, n + 1).round().long().expand(HEADS, n + 1).contiguous()
             kw = {k: knobs[k] for k in ("window", "global_keys", "clusters") if k in knobs}
             times[label][L] = _time(lambda: la.approximate_attention(q, k, v, mask, param, form=form, scale=scale, **kw),
-                                    repeats)
+                                    repeats, 0.5, best=True)
         print(f"L={L}: exact {times['exact'][L] * 1e3:.2f} ms, " + ", ".join(
             f"{label} {times[label][L] * 1e3:.2f}" for _, _, label in forms), flush=True)
     cpu = get_target("cpu")
@@ -113,16 +136,18 @@ def layer_table(repeats: int) -> tuple[str, list[dict]]:
             else:
                 break
         rows.append({"form": label, "predicted": predicted, "measured": measured,
+                     "fitted": fitted_crossover(times["exact"], times[label]),
                      "ratio_4096": times["exact"][4096] / times[label][4096] if 4096 in times[label] else None,
                      "times": times[label]})
-    lines = ["| form | predicted crossover (cpu target) | measured crossover | exact / form at L=512 | "
-             "at L=2048 | at L=8192 |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| form | predicted crossover (cpu target) | measured: fitted crossover | measured: on the grid | "
+             "exact / form at L=512 | at L=2048 | at L=8192 |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["times"]
         ratio = lambda L: f"{times['exact'][L] / t[L]:.2f}x" if L in t else "-"  # noqa: E731
         meas = f"L >= {r['measured']:,}" if r["measured"] else "not below 8,192"
         pred = f"L >= {r['predicted']:,}" if r["predicted"] else "none"
-        lines.append(f"| {r['form']} | {pred} | {meas} | {ratio(512)} | {ratio(2048)} | {ratio(8192)} |")
+        fitted = f"L >= {r['fitted']:,}" if r["fitted"] else "not below 8,192"
+        lines.append(f"| {r['form']} | {pred} | {fitted} | {meas} | {ratio(512)} | {ratio(2048)} | {ratio(8192)} |")
     exact_ms = ", ".join(f"{L}: {times['exact'][L] * 1e3:.1f}" for L in (512, 2048, 8192))
     text = "\n".join(lines) + f"\n\nExact attention (ms): {exact_ms}.\n"
     return text, rows
@@ -152,6 +177,8 @@ def child(kind: str, path: str, L: int, repeats: int, threads: int) -> None:
     """Run in a fresh process: time one model at length L and report its forward pass's peak memory."""
     torch.set_num_threads(threads)
     model = long_encoder() if kind == "exact" else lrcc.load(path)
+    with torch.inference_mode():  # one-time costs (lazy imports, first-call set-up) are not the pass's memory
+        model(*model_inputs(16))
     x = model_inputs(L)
     base = _vm("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
@@ -285,10 +312,13 @@ def main() -> None:
             write_section(ROOT / "docs" / "benchmarks.md", "attention-crossover",
                           "## Attention forms: predicted and measured crossovers (benchmarks/attention_speed.py)\n\n"
                           f"One attention layer of MiniLM's shape ({HEADS} heads of {HEAD_DIM}, batch 1, key "
-                          f"padding mask), {machine}; median of {args.layer_repeats} runs per length on the grid "
+                          f"padding mask), {machine}; the fastest of at least {args.layer_repeats} runs and 0.5 s of them "
+                          "per form and length, on the grid "
                           f"{', '.join(map(str, LAYER_LENGTHS))}. Predicted: the least L from which lrcc's cost model "
                           "(roofline of the cpu target, symbolic in L) prices the form below exact attention; "
-                          "measured: the least grid length from which it is faster at every longer one.\n\n" + text)
+                          "measured: where least-squares fits of the timings cross (exact a + b L + c L^2, the form "
+                          "a + b L), and the least grid length from which the form is faster at every longer one "
+                          "(noisier: one slow run at one length moves it).\n\n" + text)
     if not args.skip_choices:
         text = choices_table(args)
         print(text)

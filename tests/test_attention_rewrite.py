@@ -5,8 +5,6 @@ whole file runs in well under a minute; the real MiniLM at L = 128 is in test_mi
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import sympy
 import torch
@@ -175,8 +173,8 @@ def test_latency_budget_replaces_attention(compiled) -> None:
     names = [n.attrs["attention"]["approximation"] for n in cm.graph.nodes if "approximation" in n.attrs.get("attention", {})]
     assert sorted(names) == sorted(r["choice"] for r in chosen)
     with torch.no_grad():
-        y, y0 = cm(*cal[1]), model(*cal[1])
-    assert torch.isfinite(y).all()
+        y = cm(*cal[1])
+    assert torch.isfinite(y).all() and y.shape == model(*cal[1]).shape
     assert cm.report.verification["rel_error"] < 0.5
     # the crossover table covers the compile target and the GPU targets
     forms = cm.report.attention[0]["forms"]

@@ -352,9 +352,7 @@ def _keep_costs(g: Graph, n, target: Target, dims: dict[str, int], flash_of) -> 
 def _cand_costs(g: Graph, n, c: Candidate, target: Target, dims: dict[str, int], flash_of) -> dict[str, float]:
     """A candidate's costs: params, bytes, estimated latency, flash."""
     if c.cost is not None:  # attention forms: their own cost, symbolic in the sequence length
-        from ..targets.cost import OpCost, _bytes_io
-        cost = OpCost(c.cost.flops, c.cost.bytes + _bytes_io(g, n), c.cost.launches, c.cost.gpu_launches)
-        return {"params": c.params, "bytes": c.bytes, "latency": cost.latency(target, dims), "flash": 0}
+        return {"params": c.params, "bytes": c.bytes, "latency": c.cost.latency(target, dims), "flash": 0}
     return {"params": c.params, "bytes": c.bytes, "latency": _cand_latency(g, n, c, target, dims),
             "flash": flash_of(c.weight_shapes, int(c.knobs.get("bits", 8))) if flash_of else 0}
 

@@ -33,7 +33,7 @@ import torch
 
 from ..ir.attention import SDPA, sdpa_arguments
 from ..ir.graph import Graph, Node, Ref
-from ..targets.cost import APPROXIMATE_ATTENTION, attention_cost
+from ..targets.cost import APPROXIMATE_ATTENTION, attention_site_cost
 from . import linear_attention as la
 from .rule import Candidate, Rule
 
@@ -99,19 +99,11 @@ def _seed(site: str, salt: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{site}:{salt}".encode()).digest()[:4], "little")
 
 
-def _shapes(g: Graph, n: Node):
-    a = sdpa_arguments(n)
-    q, k, v = (g[a[x].name] for x in ("query", "key", "value"))
-    B, H, L, d = q.shape
-    return B, H, L, k.shape[-2], int(d), int(v.shape[-1])
-
-
 def _candidate(g: Graph, n: Node, rule: str, choice: str, knobs: dict, param_fn, needs_calibration: bool = False,
                param_bytes: int = 0) -> Candidate:
     info = attention_info(n)
     site = info["site"]
-    B, H, Lq, Lk, d, dv = _shapes(g, n)
-    cost = attention_cost(knobs["form"], knobs, B, H, Lq, Lk, d, dv)
+    cost = attention_site_cost(g, n, knobs["form"], knobs)
     kwargs = {"form": knobs["form"], "scale": float(info["scale"])}
     if knobs["form"] in ("window", "scatterbrain"):
         kwargs.update(window=knobs["window"], global_keys=knobs["global_keys"], clusters=knobs["clusters"])
@@ -124,24 +116,14 @@ def _candidate(g: Graph, n: Node, rule: str, choice: str, knobs: dict, param_fn,
         return AttentionChange(fn, param, kwargs)
     family = f"{site}:{knobs['form']}:" + ",".join(f"{k}={v}" for k, v in sorted(knobs.items()) if k != "form")
     return Candidate(site=site, node=n.name, rule=rule, choice=choice, form="attention", knobs=knobs, params=0,
-                     bytes=param_bytes, weight_shapes=[], family=family, spectrum=_memo(change),
+                     bytes=param_bytes, weight_shapes=[], family=family, spectrum=change,
                      needs_calibration=needs_calibration, error_index=0, refit="none", cost=cost)
-
-
-def _memo(fn):
-    box: dict[str, Any] = {}
-
-    def get(stats):
-        if "x" not in box:
-            box["x"] = fn(stats)
-        return box["x"]
-    return get
 
 
 def _offer(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
     info = attention_info(n)
     site = info["site"]
-    _, H, _, _, d, _ = _shapes(g, n)
+    d = int(info["head_dim"])
     seed = int(options.get("seed", 0))
     forms = options.get("attention_forms", ("performer", "elu", "window", "scatterbrain"))
     out: list[Candidate] = []

@@ -84,7 +84,7 @@ def op_cost(g: Graph, n: Node) -> OpCost:
     in_bytes = sum((_tensor_bytes(g, i) for i in n.inputs), zero)
     out_bytes = out * _itemsize(n.dtype)
     if name in ("scaled_dot_product_attention",) or n.attrs["target"] == APPROXIMATE_ATTENTION:
-        return _attention_node_cost(g, n, in_bytes + out_bytes)
+        return attention_site_cost(g, n)
     if name in ("matmul", "bmm", "mm"):
         a = g[n.inputs[0]]
         flops = 2 * out * a.shape[-1]
@@ -111,16 +111,17 @@ def _bytes_io(g: Graph, n: Node) -> sympy.Expr:
     return sum((_tensor_bytes(g, i) for i in n.inputs), zero) + (numel(n.shape) * _itemsize(n.dtype) if n.shape else zero)
 
 
-def _attention_node_cost(g: Graph, n: Node, io_bytes: sympy.Expr) -> OpCost:
+def attention_site_cost(g: Graph, n: Node, form: str | None = None, knobs: dict | None = None) -> OpCost:
+    """The cost of attention node n (canonical SDPA or approximate_attention) computed in `form` with
+    `knobs` (default: what the node computes), its inputs and output included."""
     q, k, v = (g[r] for r in n.inputs[:3])
     B, H, Lq, d = q.shape
     Lk, dv = k.shape[-2], v.shape[-1]
-    if n.attrs["target"] == APPROXIMATE_ATTENTION:
-        kw = n.attrs["kwargs"]
-        cost = attention_cost(kw["form"], _form_knobs(g, n), B, H, Lq, Lk, d, dv)
-    else:
-        cost = attention_cost("exact", {}, B, H, Lq, Lk, d, dv)
-    return OpCost(cost.flops, cost.bytes + io_bytes, cost.launches, cost.gpu_launches)
+    if form is None:
+        approx = n.attrs["target"] == APPROXIMATE_ATTENTION
+        form, knobs = (n.attrs["kwargs"]["form"], _form_knobs(g, n)) if approx else ("exact", {})
+    cost = attention_cost(form, knobs or {}, B, H, Lq, Lk, d, dv)
+    return OpCost(cost.flops, cost.bytes + _bytes_io(g, n), cost.launches, cost.gpu_launches)
 
 
 def _form_knobs(g: Graph, n: Node) -> dict:
