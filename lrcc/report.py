@@ -91,7 +91,7 @@ class Report:
                      "(first-order, from output gradients on calibration data)")
         lines += self._attention_lines()
         if self.rejected:
-            lines.append(f"{len(self.rejected)} site(s) declined by rule guards:")
+            lines.append(f"{len(self.rejected)} site(s) not rewritten (rule guards, or the planner):")
             lines += [f"  {r['site']}: {r['rule']}: {r['reason']}" for r in self.rejected]
         lines += [f"note: {n}" for n in self.notes]
         if timings and self.timings:
