@@ -143,7 +143,7 @@ def collect_attention_inputs(lowered, batches: list[tuple], sites: list[str], st
     """Capture q, k and the mask at each attention site for the first `sequences` calibration
     sequences (for fits that need them, e.g. Linformer's segments), into stats.attention."""
     got: dict[str, list[tuple]] = {s: [] for s in sites}
-    count = {"n": 0}
+    seen = 0
 
     def make_hook(site: str):
         def hook(module, args, output):
@@ -160,10 +160,10 @@ def collect_attention_inputs(lowered, batches: list[tuple], sites: list[str], st
     try:
         with torch.no_grad():
             for batch in batches:
-                if count["n"] >= sequences:
+                if seen >= sequences:
                     break
                 lowered(*batch)
-                count["n"] += batch[0].shape[0] if batch[0].dim() else 1
+                seen += batch[0].shape[0] if batch[0].dim() else 1
     finally:
         for h in hooks:
             h.remove()
