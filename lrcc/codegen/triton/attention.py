@@ -52,12 +52,13 @@ _MIN_SPLIT_DV = 32
 _PIPELINE_SMEM = 96 * 1024
 
 
-def _dtype_name(dtype: torch.dtype | str) -> str:
+def dtype_name(dtype: torch.dtype | str, what: str = "linear attention") -> str:
+    """"fp32", "fp16" or "bf16" for a torch dtype or one of those names; `what` names the kernel in the error."""
     if isinstance(dtype, str) and dtype in _ITEMSIZE:
         return dtype
     if dtype in DTYPES:
         return DTYPES[dtype]
-    raise LrccError(f"linear attention supports {', '.join(_ITEMSIZE)}, not {dtype}")
+    raise LrccError(f"{what} supports {', '.join(_ITEMSIZE)}, not {dtype}")
 
 
 def attention_config(shape: tuple[int, int, int, int, int], dtype: torch.dtype | str, causal: bool) -> dict[str, int]:
@@ -68,7 +69,7 @@ def attention_config(shape: tuple[int, int, int, int, int], dtype: torch.dtype |
     if Dk > MAX_DK:
         raise LrccError(f"linear attention keeps the key dimension in one tile: Dk={Dk} > {MAX_DK}; "
                         f"use fewer features or split the heads")
-    itemsize = _ITEMSIZE[_dtype_name(dtype)]
+    itemsize = _ITEMSIZE[dtype_name(dtype)]
     # the whole key dimension in one tile: the denominator phi(q)^T z needs all of it
     block_dk = pow2(Dk)
     # value columns: all of them while the fp32 state S (BLOCK_DK x BLOCK_DV) fits the register tile

@@ -29,9 +29,9 @@ import torch
 from ...errors import LrccError
 from ...rewrites.linear_attention import select_global_keys
 from . import kernels
+from .attention import _ITEMSIZE, check_qkv, dtype_name
 from .configs import pow2
 
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 TEMPLATE = "scatterbrain_attention"
 
 # tl.dot needs every tile side >= 16.
@@ -48,17 +48,8 @@ _BLOCK_N = 64
 # shared memory, more than an A100's 163 KiB; the 32 x 32 tiles this budget gives take 96 KiB (fp16,
 # 64 x 64: 112 KiB on sm_80, 145 KiB of an H100's 227 KiB on sm_90).
 _TILE_BYTES = 16 * 1024
-_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 _FOUR_WARP_TILE = 64 * 64
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "BLOCK_F", "BLOCK_G", "num_warps", "num_stages")
-
-
-def _dtype_name(dtype: torch.dtype | str) -> str:
-    if isinstance(dtype, str) and dtype in _ITEMSIZE:
-        return dtype
-    if dtype in DTYPES:
-        return DTYPES[dtype]
-    raise LrccError(f"scatterbrain_attention supports {', '.join(_ITEMSIZE)}, not {dtype}")
 
 
 def scatterbrain_config(shape: tuple[int, int, int, int, int], features: int, window: int | None,
@@ -75,7 +66,7 @@ def scatterbrain_config(shape: tuple[int, int, int, int, int], features: int, wi
     if features > MAX_FEATURES:
         raise LrccError(f"scatterbrain_attention: {features} random features > {MAX_FEATURES}, the kernel keeps "
                         f"them in one tile; use fewer features")
-    itemsize = _ITEMSIZE[_dtype_name(dtype)]
+    itemsize = _ITEMSIZE[dtype_name(dtype, "scatterbrain_attention")]
     block_d, block_dv, block_f = pow2(d), pow2(dv), pow2(features)
     widest = max(block_d, block_dv, block_f)
     rows = max(_MIN_TILE, _TILE_BYTES // (widest * itemsize))
@@ -100,7 +91,6 @@ def _is_int(x: Any) -> bool:
 
 
 def _check(q, k, v, w, window, mask, global_keys, clusters) -> None:
-    from .attention import check_qkv
     check_qkv("scatterbrain_attention", q, k, v)
     if not isinstance(w, torch.Tensor):
         raise LrccError(f"scatterbrain_attention: w must be a torch.Tensor, got {type(w).__name__}")
