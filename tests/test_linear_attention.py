@@ -25,9 +25,10 @@ def test_exact_attention_is_sdpa_with_the_key_mask():
     torch.testing.assert_close(la.exact_attention(q, k, v, mask), ref)
 
 
-@pytest.mark.parametrize("chunk", [16, 128])
-def test_a_window_covering_the_sequence_is_exact_and_scatterbrain_does_not_count_it_twice(chunk, monkeypatch):
+@pytest.mark.parametrize("chunk,span", [(16, 1 << 19), (128, 1 << 19), (16, 1 << 8)])
+def test_a_window_covering_the_sequence_is_exact_and_scatterbrain_does_not_count_it_twice(chunk, span, monkeypatch):
     monkeypatch.setattr(la, "CHUNK", chunk)
+    monkeypatch.setattr(la, "SPAN_ELEMENTS", span)  # whole heads per span, or one block of one head
     q, k, v, mask = _qkv(scale=1.0)
     ex = la.exact_attention(q, k, v, mask)
     w = la.orthogonal_features(16, 32, torch.Generator().manual_seed(1))
@@ -104,9 +105,10 @@ def _support(q, k, window, n_global, mask, clusters=1):
     return (band[None, None] | glob) & mask[:, None, None, :]
 
 
-@pytest.mark.parametrize("chunk,clusters", [(16, 1), (128, 1), (16, 4)])
-def test_scatterbrain_is_exact_on_its_support_and_performer_off_it(chunk, clusters, monkeypatch):
+@pytest.mark.parametrize("chunk,clusters,span", [(16, 1, 1 << 19), (128, 1, 1 << 19), (16, 4, 1 << 19), (16, 4, 1 << 10)])
+def test_scatterbrain_is_exact_on_its_support_and_performer_off_it(chunk, clusters, span, monkeypatch):
     monkeypatch.setattr(la, "CHUNK", chunk)
+    monkeypatch.setattr(la, "SPAN_ELEMENTS", span)  # whole heads per span, or runs of blocks of one head
     q, k, v, mask = _qkv(scale=0.7)
     w = la.orthogonal_features(16, 24, torch.Generator().manual_seed(4))
     support = _support(q, k, 3, 5, mask, clusters)
@@ -228,7 +230,8 @@ def _largest(fn, L):
     return mode.largest
 
 
-def test_linear_forms_form_no_L_by_L_tensor():
+def test_linear_forms_form_no_L_by_L_tensor(monkeypatch):
+    monkeypatch.setattr(la, "SPAN_ELEMENTS", 1 << 12)  # spans of blocks far smaller than L x L / 32
     w = la.orthogonal_features(8, 16, torch.Generator().manual_seed(0))
     segments = torch.linspace(0, 1, 33)
     forms = {
@@ -238,7 +241,7 @@ def test_linear_forms_form_no_L_by_L_tensor():
         "scatterbrain": lambda q, k, v, m: la.scatterbrain_attention(q, k, v, w, 16, m, global_keys=8, clusters=4),
         "linformer": lambda q, k, v, m: la.linformer_attention(q, k, v, (segments * q.shape[2]).long(), m),
     }
-    L = 2048
+    L = 4096
     assert _largest(lambda q, k, v, m: (q @ k.transpose(-1, -2)).softmax(-1) @ v, L) >= L * L  # it sees L x L
     for name, fn in forms.items():
         small, big = _largest(fn, L // 2), _largest(fn, L)

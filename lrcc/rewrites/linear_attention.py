@@ -9,7 +9,7 @@ key j by exp(b_j) (added to its log-features, exact scores or pooling weights).
 ``approximate_attention`` is what a rewritten graph calls: SDPA's arguments and one form.
 
 Every form except ``exact_attention`` runs in memory linear in L: no L x L tensor is formed (the
-sparse parts work on blocks of CHUNK queries at a time, the low-rank parts keep an m x dv state).
+sparse parts work on blocks of queries, a span of blocks at a time, the low-rank parts keep an m x dv state).
 
 Laws:
 - Linear attention (Katharopoulos et al. 2020, arXiv:2006.16236): with a feature map phi,
@@ -65,8 +65,9 @@ def orthogonal_features(d: int, m: int, generator: torch.Generator | None = None
 
 def _log_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """log phi(x) * sqrt(m): w . x' - |x'|^2 / 2 with x' = x / d^(1/4)."""
-    xs = x.float() / x.shape[-1] ** 0.25
-    return xs @ w.t().to(xs) - 0.5 * (xs * xs).sum(-1, keepdim=True)
+    xf, d = x.float(), x.shape[-1]
+    sq = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)  # one pass over x, not three
+    return (xf @ (w.t().to(xf) / d ** 0.25)).sub_(sq.square_().mul_(0.5 / d ** 0.5))
 
 
 def _valid_keys(mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
@@ -111,10 +112,10 @@ def exact_attention(q, k, v, mask=None):
 def elu_attention(q, k, v, mask=None, eps: float = 1e-6):
     """Linear attention with phi = elu + 1, O(L)."""
     km = _key_weights(mask, k)[..., None]
-    fq, fk = F.elu(q.float()) + 1, (F.elu(k.float()) + 1) * km
+    fq, fk = F.elu(q.float()).add_(1), F.elu(k.float()).add_(1).mul_(km)  # (in place: elu made them)
     kv = fk.transpose(-1, -2) @ v.float()
-    z = fk.sum(-2)
-    return (fq @ kv) / ((fq * z[..., None, :]).sum(-1, keepdim=True) + eps)
+    z = fk.sum(-2)[..., None]
+    return (fq @ kv).div_((fq @ z).add_(eps))
 
 
 def performer_attention(q, k, v, w: torch.Tensor, mask=None):
@@ -182,24 +183,144 @@ def split_budget(budget: int, sparse_share: float = 0.75) -> ScatterbrainBudget:
     return ScatterbrainBudget(radius, sparse - (2 * radius + 1), max(1, budget // 8), budget - sparse)
 
 
-CHUNK = 128  # queries per block of the sparse part: memory O(L (CHUNK + 2 window + global + m)), linear in L
-# Up to this many global keys in all (clusters x keys per cluster), each block of queries is scored
-# against all of them in one dense product and masked to each query's own cluster: more products, but
-# no per-query gathers, which cost more on CPUs; above it the keys are gathered per query.
-DENSE_GLOBAL = 256
+CHUNK = 128  # the most queries per block (blocks are the least power of two above the window's radius)
+MIN_BLOCK = 16  # the fewest: smaller blocks make products too small to run well
+GLOBAL_BLOCK = 32  # queries per block of the global-key part, every block's queries of one cluster
+# A span of blocks is computed in one set of batched products with about this many scores in flight:
+# small enough to stay in cache (larger spans run slower on CPUs), large enough that operator
+# launches are few; memory O(SPAN_ELEMENTS) per step, O(L) in all.
+SPAN_ELEMENTS = 1 << 18
+# exp's arguments are clamped here: exp(-60) ~ 1e-26 is negligible beside the row's largest term, 1
+EXP_FLOOR = -60.0
+
+
+def window_block(window: int | None) -> int:
+    """Queries per block for a window of radius `window` (None: no window, CHUNK): the least power
+    of two above it (at least MIN_BLOCK, at most CHUNK). A block scores block + 2 window keys, so
+    about 1.5x the 2 window + 1 each query needs once the block reaches the radius."""
+    return CHUNK if window is None else max(MIN_BLOCK, min(CHUNK, 1 << max(0, window).bit_length()))
+
+
+class BlockLayout(NamedTuple):
+    """How _sparse_plus_low_rank lays out the rows of each of the B H heads: `pad` blocks of zero
+    rows, the L rows padded to `real` whole blocks, `pad` more blocks; `blocks` = real + 2 pad in
+    all. With pad blocks at least the radius long, each block's window (its rows from radius before
+    to radius after) stays inside its own head, so the windows of all blocks of all heads are one
+    strided view of the keys."""
+    block: int
+    real: int
+    pad: int
+    blocks: int
+
+
+def block_layout(L: int, window: int | None) -> BlockLayout:
+    C = window_block(window)
+    real = -(-L // C)
+    pad = -(-window // C) if window else 0
+    return BlockLayout(C, real, pad, real + 2 * pad)
+
+
+def spans(B: int, H: int, lay: BlockLayout, per_query: int) -> list[tuple[int, int, int, int]]:
+    """The spans of blocks computed together: (first head, last head + 1, first block, last block + 1)
+    over the B H heads (heads of one batch element at a time), so that a span holds about
+    SPAN_ELEMENTS scores (per_query per query), at least one block. Whole heads (the pad blocks
+    included) when a head fits, else runs of one head's real blocks."""
+    n = max(1, SPAN_ELEMENTS // max(1, lay.block * per_query))  # blocks per span
+    if n >= lay.blocks:
+        heads = n // lay.blocks
+        return [(b * H + h, b * H + min(H, h + heads), 0, lay.blocks) for b in range(B) for h in range(0, H, heads)]
+    first, last = lay.pad, lay.pad + lay.real
+    return [(bh, bh + 1, p, min(last, p + n)) for bh in range(B * H) for p in range(first, last, n)]
+
+
+class Partial(NamedTuple):
+    """A part of the support's share of attention, per query: sum_j e_j v_j and sum_j e_j with
+    e_j = exp(s_j - c) (minus the low-rank estimate, for Scatterbrain) over the part's keys, on the
+    query's own scale c (-inf where the part has nothing). Parts merge as flash attention's do."""
+    c: torch.Tensor    # [..., L, 1]
+    num: torch.Tensor  # [..., L, dv]
+    den: torch.Tensor  # [..., L, 1]
+
+
+def _global_part(qs, kf, vf, valid, bias, keys_of, cluster, r: int | None, low) -> Partial:
+    """The global keys' part. qs: [N, L, d] queries (scale applied), kf, vf: [N, L, e] over N = B H
+    heads; valid, bias: [N, L] (bias None for none); keys_of: [N, c, g] each cluster's keys; cluster:
+    [N, L] each query's; r: the window's radius (its keys are left to the window part) or None;
+    low: None, or (fq, fk [N, L, m], low_log [N, L, 1], z [N, m, 1]) for Scatterbrain's correction.
+    The queries are sorted by (head, cluster) into blocks of GLOBAL_BLOCK of one cluster each (a
+    cluster's last block part empty), so each block scores only its cluster's g keys: g per query,
+    not c g as scoring every cluster's keys and masking would."""
+    N, L, d = qs.shape
+    n_c, g = keys_of.shape[1:]
+    Cg, dev, dv = GLOBAL_BLOCK, qs.device, vf.shape[-1]
+    group = (torch.arange(N, device=dev)[:, None] * n_c + cluster).flatten()  # [N L]: (head, cluster)
+    order = torch.sort(group, stable=True).indices  # query rows, grouped
+    counts = torch.bincount(group, minlength=N * n_c)
+    nblocks = (counts + Cg - 1) // Cg
+    first_block = torch.cumsum(nblocks, 0) - nblocks
+    first_row = torch.cumsum(counts, 0) - counts
+    sg = group[order]
+    NB = int(nblocks.sum())
+    empty = N * L  # empty slots write to this extra row (and read row 0)
+    ids = torch.full((NB * Cg,), empty, dtype=torch.long, device=dev)
+    ids[first_block[sg] * Cg + torch.arange(N * L, device=dev) - first_row[sg]] = order
+    reads = torch.where(ids < empty, ids, torch.zeros_like(ids)).view(NB, Cg)
+    ids = ids.view(NB, Cg)
+    block_group = torch.repeat_interleave(torch.arange(N * n_c, device=dev), nblocks)  # [NB]
+    head = block_group // n_c
+    keys = keys_of.reshape(N * n_c, g)[block_group] + (head * L)[:, None]  # [NB, g] rows of [N L, e]
+
+    def rows(x, at):  # x [N, L, e] at flat rows `at` [n, k]: [n, k, e] (one index per row)
+        return x.reshape(N * L, -1).index_select(0, at.flatten()).view(*at.shape, x.shape[-1])
+
+    key_add = torch.zeros(N, L, 1, device=dev) if bias is None else bias[..., None]
+    key_add = key_add.masked_fill(~valid[..., None], float("-inf"))
+    if low is not None:
+        fq, fk, low_log, z = low
+        z = z[head]  # [NB, m, 1]
+    c_all = torch.full((N * L + 1, 1), float("-inf"), device=dev)
+    num_all, den_all = torch.zeros(N * L + 1, dv, device=dev), torch.zeros(N * L + 1, 1, device=dev)
+    step = max(1, SPAN_ELEMENTS // (Cg * g))
+    for j0 in range(0, NB, step):
+        j1 = min(NB, j0 + step)
+        qi, ki = reads[j0:j1], keys[j0:j1]  # [n, Cg], [n, g]
+        s = torch.baddbmm(rows(key_add, ki).transpose(-1, -2), rows(qs, qi), rows(kf, ki).transpose(-1, -2))
+        if r is not None:  # a global key inside the query's window is left to the window part
+            s = s.masked_fill_(((ki % L)[:, None, :] - (qi % L)[:, :, None]).abs_() <= r, float("-inf"))
+        c = s.amax(-1, keepdim=True)  # [n, Cg, 1]
+        if low is not None:  # (as in the main part: the correction stays on the query's scale)
+            fqi, lowi = rows(fq, qi), rows(low_log, qi)
+            c = torch.maximum(c, torch.log(fqi @ z[j0:j1]) + lowi)
+        cc = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+        sup = torch.isfinite(s)
+        e = (s - cc).clamp_(min=EXP_FLOOR).exp_()
+        if low is not None:
+            e = e.sub_((fqi @ rows(fk, ki).transpose(-1, -2)).mul_(torch.exp(lowi - cc)))
+        e = e.mul_(sup)
+        at = ids[j0:j1].flatten()
+        c_all.index_copy_(0, at, c.reshape(-1, 1))
+        num_all.index_copy_(0, at, (e @ rows(vf, ki)).reshape(-1, dv))
+        den_all.index_copy_(0, at, e.sum(-1).reshape(-1, 1))
+    return Partial(c_all[:-1].view(N, L, 1), num_all[:-1].view(N, L, dv), den_all[:-1].view(N, L, 1))
 
 
 def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, clusters: int,
                           w: torch.Tensor | None):
-    """Shared body: exact scores on the support (window and global keys), FAVOR+ off it (if w)."""
+    """Shared body: exact scores on the support (window and global keys), FAVOR+ off it (if w).
+    Queries go in blocks (block_layout); the window part of a block scores its keys from `window`
+    before its first query to `window` after its last, a strided view of the padded keys (no copy);
+    a span of blocks (spans) is one set of batched products. The global keys come as a Partial
+    (_global_part), merged per query."""
     if window is not None and window < 0:
         raise LrccError(f"attention: window must be >= 0 (or None for no window), got {window}")
     if global_keys < 0:
         raise LrccError(f"attention: global_keys must be >= 0, got {global_keys}")
     B, H, L, d = q.shape
+    dv, BH = v.shape[-1], B * H
     qf, kf, vf = q.float(), k.float(), v.float()
     valid, bias = _key_bias(mask, k)  # [B, 1, L]
     tiny = torch.finfo(torch.float32).tiny
+    m = 0
     if w is not None:
         m = w.shape[0]
         lk = _log_features(kf, w)
@@ -212,87 +333,90 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
         a = lq.amax(-1, keepdim=True)  # per-query shift: each query's largest phi(q) becomes 1
         fq, fk = torch.exp(lq - a), torch.exp(lk - b)
         kv, z = fk.transpose(-1, -2) @ vf, fk.sum(-2)[..., None]  # [B, H, m, dv], [B, H, m, 1]
+        if window is None and global_keys == 0:  # low-rank alone: O(L m) in one step
+            return (fq @ kv).div_((fq @ z).clamp_(min=tiny))  # all keys padding: kv = 0, so 0
         low_log = a - math.log(m)  # phi(q_i) . phi(k_j) = exp(low_log_i) fq_i . fk_j, [B, H, L, 1]
+        kv, z = kv.reshape(BH, m, dv), z.reshape(BH, m, 1)
+    r = None if window is None else min(window, L - 1)
+    lay = block_layout(L, r)
+    C, P = lay.block, lay.blocks
+    Lh, front = P * C, lay.pad * C  # rows per head; where its L rows start
+
+    def layout(x, edge: int = 0):  # [B, H, L, e] -> [edge + B H Lh + edge, e], head h's rows at edge + h Lh + front
+        e = x.shape[-1]
+        buf = x.new_zeros(BH * Lh + 2 * edge, e)
+        buf[edge:edge + BH * Lh].view(BH, Lh, e)[:, front:front + L] = x.reshape(BH, L, e)
+        return buf
+
+    qs = qf / math.sqrt(d)  # the scores' scale, applied once
+    qb = layout(qs).view(BH, Lh, d)
+    fqb, lowb = (layout(fq).view(BH, Lh, m), layout(low_log).view(BH, Lh, 1)) if w is not None else (None, None)
+    glob = None
     if global_keys > 0:
         keys_of, cluster = select_global_keys(qf, kf, global_keys, mask, clusters)  # [B, H, c, g], [B, H, L]
-        g = keys_of.shape[-1]
-        dense = keys_of.shape[2] * g <= DENSE_GLOBAL
-        if dense:  # every cluster's keys gathered once; a query's support is its own cluster's
-            flat = keys_of.flatten(2)  # [B, H, c g]
-            owner = torch.arange(keys_of.shape[2], device=q.device).repeat_interleave(g)  # [c g]
-            g_rows = [_rows(x, flat[:, :, None])[:, :, 0] for x in ((kf, vf, fk) if w is not None else (kf, vf))]
-            g_valid = valid.expand(B, H, L).gather(-1, flat)  # [B, H, c g]
-            g_bias = None if bias is None else bias.expand(B, H, L).gather(-1, flat)[:, :, None, :]
-    out = torch.empty(B, H, L, vf.shape[-1], device=q.device)
-    step = CHUNK if window is not None or global_keys > 0 else L  # low-rank alone: O(L m) in one step
-    for c0 in range(0, L, step):
-        c1 = min(L, c0 + step)
-        rows = torch.arange(c0, c1, device=q.device)
-        qc = qf[:, :, c0:c1]
-        parts = []  # (keys, values, phi(keys) [B, H, R, .] shared by the block or [B, H, C, R, .] per query, support)
-        if window is not None:
-            r0, r1 = max(0, c0 - window), min(L, c1 + window)
-            off = torch.arange(r0, r1, device=q.device)[None, :] - rows[:, None]
-            sup = (off.abs() <= window)[None, None] & valid[:, :, None, r0:r1]  # [B, 1, C, R]
-            kb = None if bias is None else bias[:, :, None, r0:r1]  # [B, 1, 1, R]
-            parts.append((kf[:, :, r0:r1], vf[:, :, r0:r1], fk[:, :, r0:r1] if w is not None else None, sup, kb))
-        if global_keys > 0 and dense:  # all clusters' keys for the block, each query's own cluster in its support
-            sup = (owner == cluster[:, :, c0:c1, None]) & g_valid[:, :, None, :]  # [B, H, C, c g]
-            if window is not None:  # a global key inside the query's window is already there
-                sup = sup & ((flat[:, :, None, :] - rows[None, None, :, None]).abs() > window)
-            parts.append((g_rows[0], g_rows[1], g_rows[2] if w is not None else None, sup, g_bias))
-        elif global_keys > 0:  # the keys of each query's cluster, gathered per query
-            idx = keys_of.gather(2, cluster[:, :, c0:c1, None].expand(-1, -1, -1, g))  # [B, H, C, g]
-            sup = valid.expand(B, H, L).gather(-1, idx.flatten(2)).view_as(idx)
-            if window is not None:  # a global key inside the query's window is already there
-                sup = sup & ((idx - rows[None, None, :, None]).abs() > window)
-            kb = None if bias is None else bias.expand(B, H, L).gather(-1, idx.flatten(2)).view_as(idx)
-            parts.append((_rows(kf, idx), _rows(vf, idx), _rows(fk, idx) if w is not None else None, sup, kb))
-        scores = [(_pairs(qc, keys) / math.sqrt(d) + (0 if kb is None else kb)).masked_fill(~sup, float("-inf"))
-                  for keys, _, _, sup, kb in parts]
-        c = torch.full((B, H, c1 - c0, 1), float("-inf"), device=q.device)
-        for s in scores:
-            c = torch.maximum(c, s.amax(-1, keepdim=True))
-        num = torch.zeros(B, H, c1 - c0, vf.shape[-1], device=q.device)
-        den = torch.zeros(B, H, c1 - c0, 1, device=q.device)
+        low = None if w is None else (fq.reshape(BH, L, m), fk.reshape(BH, L, m), low_log.reshape(BH, L, 1), z)
+        glob = _global_part(qs.reshape(BH, L, d), kf.reshape(BH, L, d), vf.reshape(BH, L, dv),
+                            valid.expand(B, H, L).reshape(BH, L),
+                            None if bias is None else bias.expand(B, H, L).reshape(BH, L),
+                            keys_of.reshape(BH, *keys_of.shape[2:]), cluster.reshape(BH, L), r, low)
+        glob = Partial(*(layout(x.view(B, H, L, -1)).view(BH, Lh, -1) for x in glob))
+    per_query = 0
+    if r is not None:
+        R = C + 2 * r  # keys per block: r before its first query to r after its last
+
+        def windows(x):  # block G's keys, [B H P, R, e]: a strided view of the rows padded by r at both ends
+            e = x.shape[-1]
+            return layout(x, r).as_strided((BH * P, R, e), (C * e, e, 1))
+
+        k_win, v_win = windows(kf), windows(vf)
+        fk_win = windows(fk) if w is not None else None
+        ok = torch.zeros(B, Lh + 2 * r, dtype=torch.bool, device=q.device)
+        ok[:, r + front:r + front + L] = valid[:, 0]
+        off = torch.arange(R, device=q.device)[None, :] - torch.arange(C, device=q.device)[:, None]
+        sup_win = (off >= 0) & (off <= 2 * r) & ok.unfold(-1, R, C)[:, :, None, :]  # [B, P, C, R]
+        # what the window's scores get added: the key's bias on the support, -inf off it
+        add_win = torch.zeros(B, P, 1, R, device=q.device) if bias is None else \
+            F.pad(bias[:, 0], (r + front, r + Lh - front - L)).unfold(-1, R, C)[:, :, None, :]
+        add_win = add_win.masked_fill(~sup_win, float("-inf"))
+        sup_win = sup_win.float()
+        per_query += R
+    out = torch.empty(BH, Lh, dv, device=q.device)
+    for h0, h1, p0, p1 in spans(B, H, lay, max(per_query, dv)):
+        nh, n = h1 - h0, p1 - p0
+        G0, G1, S, s0, s1 = h0 * P + p0, (h1 - 1) * P + p1, n * C, p0 * C, p1 * C
+        c = num = den = None
+        if r is not None:  # the window's scores [nh, S, R], -inf off the support
+            s = (qb[h0:h1, s0:s1].reshape(nh * n, C, d) @ k_win[G0:G1].transpose(-1, -2)).view(nh, n, C, R)
+            s = s.add_(add_win[h0 // H, p0:p1]).view(nh, S, R)
+            c = s.amax(-1, keepdim=True)
         if w is not None:  # the row's low-rank total / exp(low_log): >= 1 (the feature where fq is 1 has a
-            low_den = fq[:, :, c0:c1] @ z  # key where fk is 1), or 0 when every key is padding
-            c = torch.maximum(c, torch.log(low_den) + low_log[:, :, c0:c1])
+            fqc, lowc = fqb[h0:h1, s0:s1], lowb[h0:h1, s0:s1]
+            low_den = fqc @ z[h0:h1]  # key where fk is 1), or 0 when every key is padding
+            low_c = torch.log(low_den) + lowc
+            c = low_c if c is None else torch.maximum(c, low_c)
+        if glob is not None:
+            gc = glob.c[h0:h1, s0:s1]
+            c = gc if c is None else torch.maximum(c, gc)
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
         if w is not None:
-            scale = torch.where(low_den > 0, torch.exp(low_log[:, :, c0:c1] - c), torch.zeros_like(low_den))
-            num = num + scale * (fq[:, :, c0:c1] @ kv)
-            den = den + scale * low_den
-        for s, (_, values, fkeys, sup, _) in zip(scores, parts):
-            e = torch.exp(s - c)  # exact terms on the support, 0 off it
+            scale = torch.where(low_den > 0, torch.exp(lowc - c), torch.zeros_like(low_den))
+            num, den = scale * (fqc @ kv[h0:h1]), scale * low_den
+        if r is not None:
+            # exact terms on the support (s <= c there), 0 off it. exp runs several times slower on
+            # -inf and on results below float32's normal range, hence the clamp and the product
+            e = (s - c).clamp_(min=EXP_FLOOR).exp_()
             if w is not None:  # minus the low-rank estimate there: the support is not counted twice
-                e = e - scale * _pairs(fq[:, :, c0:c1], fkeys) * sup
-            num = num + _weigh(e, values)
-            den = den + e.sum(-1, keepdim=True)
-        out[:, :, c0:c1] = num / den.clamp(min=tiny)
-    return out
-
-
-def _pairs(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """a [B, H, C, e] . x, x [B, H, R, e] (the same rows for every query) or [B, H, C, R, e] (rows
-    per query): [B, H, C, R]."""
-    if x.dim() == 4:
-        return a @ x.transpose(-1, -2)
-    return (a[..., None, :] @ x.transpose(-1, -2))[..., 0, :]
-
-
-def _weigh(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum_r e[.., r] x[.., r, :] with x laid out as in _pairs: [B, H, C, e]."""
-    if x.dim() == 4:
-        return e @ x
-    return (e[..., None, :] @ x)[..., 0, :]
-
-
-def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, e] at per-query indices idx [B, H, C, g]: [B, H, C, g, e]."""
-    B, H, C, g = idx.shape
-    flat = idx.reshape(B, H, C * g, 1).expand(-1, -1, -1, x.shape[-1])
-    return x.gather(2, flat).view(B, H, C, g, x.shape[-1])
+                pairs = (fqc.reshape(nh * n, C, m) @ fk_win[G0:G1].transpose(-1, -2)).view(nh, S, R)
+                e = e.sub_(pairs.mul_(scale))
+            e = e.mul_(sup_win[h0 // H, p0:p1].view(1, S, R))
+            wv = (e.view(nh * n, C, R) @ v_win[G0:G1]).view(nh, S, dv)
+            num, den = (wv, e.sum(-1, keepdim=True)) if num is None else (num + wv, den + e.sum(-1, keepdim=True))
+        if glob is not None:  # the global keys' partial, moved to this scale (0 where it had nothing)
+            f = torch.exp(gc - c)
+            gn, gd = glob.num[h0:h1, s0:s1] * f, glob.den[h0:h1, s0:s1] * f
+            num, den = (gn, gd) if num is None else (num + gn, den + gd)
+        out[h0:h1, s0:s1] = num / den.clamp(min=tiny)
+    return out[:, front:front + L].reshape(B, H, L, dv)
 
 
 def fit_linformer_segments(q, k, n_segments: int, mask=None) -> torch.Tensor:
@@ -385,7 +509,7 @@ def sdpa_form_inputs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor |
     """(q with SDPA's scale folded in for the forms' 1/sqrt(d), the key mask [B, L]) from SDPA's
     arguments; a mask that varies over heads or queries has no O(L) form and is refused."""
     d = q.shape[-1]
-    if scale is not None:  # the forms divide scores by sqrt(d): fold the scale in effect into q
+    if scale is not None and scale * math.sqrt(d) != 1:  # the forms divide scores by sqrt(d): fold the scale into q
         q = q * (scale * math.sqrt(d))
     mask = None
     if attn_mask is not None:

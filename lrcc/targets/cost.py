@@ -1,10 +1,13 @@
 """Costs on ops: FLOPs and bytes moved as sympy expressions in the graph's dims (B, L, ...)."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import sympy
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ir.graph import Graph, Node, concrete, numel
 from ..errors import LrccError
@@ -23,17 +26,21 @@ class OpCost:
     bytes: sympy.Expr
     launches: sympy.Expr = sympy.Integer(1)  # operator launches (a form written as several ops pays each)
     gpu_launches: sympy.Expr | None = None    # launches where it runs as fused GPU kernels (None: the same)
+    host_bytes: sympy.Expr | None = None      # bytes where it runs op by op on a CPU (None: the same)
 
     def _launches(self, target: Target) -> sympy.Expr:
         return self.gpu_launches if target.kind == "gpu" and self.gpu_launches is not None else self.launches
 
+    def _bytes(self, target: Target) -> sympy.Expr:
+        return self.host_bytes if target.kind == "cpu" and self.host_bytes is not None else self.bytes
+
     def latency(self, target: Target, dims: dict[str, int]) -> float:
         extra = (concrete(self._launches(target), dims) - 1) * target.op_overhead_s
-        return target.roofline_s(concrete(self.flops, dims), concrete(self.bytes, dims)) + extra
+        return target.roofline_s(concrete(self.flops, dims), concrete(self._bytes(target), dims)) + extra
 
     def latency_expr(self, target: Target) -> sympy.Expr:
         """The roofline latency as a sympy expression in the cost's free dims."""
-        return (sympy.Max(self.flops / target.peak_flops, self.bytes / target.bandwidth)
+        return (sympy.Max(self.flops / target.peak_flops, self._bytes(target) / target.bandwidth)
                 + self._launches(target) * target.op_overhead_s)
 
 
@@ -99,10 +106,10 @@ def op_cost(g: Graph, n: Node) -> OpCost:
 # --- attention, symbolic in the sequence length ----------------------------------------------------------
 APPROXIMATE_ATTENTION = "lrcc.rewrites.linear_attention.approximate_attention"
 EXP_FLOPS = 8  # a vectorised exp (range reduction and a polynomial) costs about 8 multiply-adds
-# Operators each form dispatches in lrcc's torch code (counted with a TorchDispatchMode, views
-# included): fixed, and per block of CHUNK queries for the window and global-key parts.
-LAUNCHES = {"performer": 92, "elu": 31, "linformer": 69, "window": 6, "window_chunk": 52, "global": 38,
-            "global_chunk": 110, "global_dense": 64, "global_dense_chunk": 88}
+# lrcc's torch code for the attention forms runs op by op: its bytes moved and operators launched are
+# counted from the code itself (traced_attention) at these lengths, and taken linear in L between and
+# beyond them.
+TRACE_LENGTHS = (512, 2048)
 
 
 def _bytes_io(g: Graph, n: Node) -> sympy.Expr:
@@ -121,7 +128,9 @@ def attention_site_cost(g: Graph, n: Node, form: str | None = None, knobs: dict 
         approx = n.attrs["target"] == APPROXIMATE_ATTENTION
         form, knobs = (n.attrs["kwargs"]["form"], _form_knobs(g, n)) if approx else ("exact", {})
     cost = attention_cost(form, knobs or {}, B, H, Lq, Lk, d, dv)
-    return OpCost(cost.flops, cost.bytes + _bytes_io(g, n), cost.launches, cost.gpu_launches)
+    io = _bytes_io(g, n)
+    return OpCost(cost.flops, cost.bytes + io, cost.launches, cost.gpu_launches,
+                  None if cost.host_bytes is None else cost.host_bytes)
 
 
 def _form_knobs(g: Graph, n: Node) -> dict:
@@ -136,27 +145,100 @@ def _form_knobs(g: Graph, n: Node) -> dict:
     return knobs
 
 
+_GATHERS = {"index_select", "index", "gather"}
+_FREE = _VIEWS | {"unfold", "as_strided", "_to_copy", "lift_fresh", "empty", "empty_like", "new_empty",
+                  "empty_strided", "arange", "_local_scalar_dense", "is_nonzero", "item"}
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+class _Traffic(TorchDispatchMode):
+    """Counts the operators dispatched and the bytes each reads and writes: every tensor argument
+    read whole and every result written, except that a gather reads only the rows it returns and an
+    index_copy_ writes only the rows it copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        self.launches += 1
+        if name in _FREE:
+            return out
+        outs = sum(_nbytes(t) for t in torch.utils._pytree.tree_leaves(out))
+        ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if name in _GATHERS:
+            self.bytes += 2 * outs + sum(_nbytes(t) for t in ins if not t.is_floating_point())
+        elif name == "index_copy_":
+            self.bytes += 2 * _nbytes(ins[2]) + _nbytes(ins[1])
+        else:
+            self.bytes += outs + sum(_nbytes(t) for t in ins)
+        return out
+
+
+@functools.lru_cache(maxsize=512)
+def traced_attention(form: str, knobs: tuple, heads: int, d: int, dv: int) -> dict[str, tuple[float, float]]:
+    """Bytes moved and operators launched by lrcc's torch code for one attention in `form` (knobs as
+    sorted (name, value) pairs), batch 1, with a key padding mask: {"bytes": (a, b), "launches": (a,
+    b)} of a + b L, counted (_Traffic) at the TRACE_LENGTHS on random inputs."""
+    from ..rewrites import linear_attention as la
+    kn = dict(knobs)
+    gen = torch.Generator().manual_seed(0)
+    points = {}
+    for L in TRACE_LENGTHS:
+        q, k = (torch.randn(1, heads, L, d, generator=gen) for _ in range(2))
+        v = torch.randn(1, heads, L, dv, generator=gen)
+        param = None
+        if form in ("performer", "scatterbrain") and kn.get("features"):
+            param = la.orthogonal_features(d, int(kn["features"]), gen)
+        elif form == "linformer":
+            param = torch.linspace(0, L, int(kn["segments"]) + 1).round().long().expand(heads, -1)
+        extra = {} if form in ("performer", "elu", "linformer") else {
+            "window": kn.get("window"), "global_keys": int(kn.get("global_keys") or 0),
+            "clusters": int(kn.get("clusters") or 1)}
+        mask = torch.ones(1, 1, 1, L, dtype=torch.bool)
+        with torch.no_grad(), _Traffic() as t:
+            la.approximate_attention(q, k, v, mask, param, form=form, **extra)
+        points[L] = (t.bytes, t.launches)
+    (l1, (b1, n1)), (l2, (b2, n2)) = sorted(points.items())
+    line = lambda y1, y2: (y1 - (y2 - y1) / (l2 - l1) * l1, (y2 - y1) / (l2 - l1))  # noqa: E731
+    return {"bytes": line(b1, b2), "launches": line(n1, n2)}
+
+
 def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
     """FLOPs, bytes moved beyond q, k, v and the output, and launches of one attention in `form`, as
-    sympy expressions in the sizes (any of which may be symbols). The counts follow lrcc's torch
-    implementations (lrcc.rewrites.linear_attention): products 2 FLOPs per multiply-add, an exp
-    EXP_FLOPS, the fp32 intermediates written and read once each.
+    sympy expressions in the sizes (any of which may be symbols; H, d and dv concrete for the forms).
+    FLOPs follow lrcc's implementations (lrcc.rewrites.linear_attention): products 2 FLOPs per
+    multiply-add, an exp EXP_FLOPS. Bytes: fused (GPU kernels), the fp32 intermediates written and
+    read once each; host_bytes and launches (CPU: the torch code, op by op) are traced_attention's.
 
     exact         4 Lq Lk d-ish products and Lq Lk exps; the fused kernel (flash attention on GPUs,
                   torch's blocked kernel on CPUs) keeps the scores on chip.
     performer     features of q and k (2 L d m each, m exps), the m x dv state and its product.
     elu           the same with d features and no exps.
-    window        per block of CHUNK queries, scores against CHUNK + 2 window keys; global keys per
-                  query; choosing them: k-means (2 steps) and the centroids' scores, 6 L clusters d.
+    window        per block of queries (window_block), scores against block + 2 window keys; the
+                  global keys per query, in blocks of one cluster (GLOBAL_BLOCK, a cluster's last
+                  block part empty); choosing them: k-means (2 steps) and the centroids' scores.
     scatterbrain  window + performer, and the low-rank estimate on the support (m per pair).
     linformer     pooling (L (d + dv)), scores and values against n segment means.
     """
-    from ..rewrites.linear_attention import CHUNK, DENSE_GLOBAL
+    from ..rewrites.linear_attention import GLOBAL_BLOCK, window_block
     BH = B * H
     Lq, Lk, d, dv = (sympy.sympify(x) for x in (Lq, Lk, d, dv))
     f4 = 4  # bytes per fp32 element
     if form == "exact":
         return OpCost(BH * Lq * Lk * (2 * d + 2 * dv + EXP_FLOPS + 3), sympy.Integer(0), sympy.Integer(1))
+    if form not in ("performer", "elu", "window", "scatterbrain", "linformer"):
+        raise LrccError(f"attention_cost: unknown form {form!r}")
+    traced = traced_attention(form, tuple(sorted((str(a), b) for a, b in knobs.items() if not str(a).startswith("_"))),
+                              int(H), int(d), int(dv))
+    host = B * (traced["bytes"][0] + traced["bytes"][1] * Lq)
+    launches = sympy.Max(1, sympy.ceiling(traced["launches"][0] + traced["launches"][1] * B * Lq))
     if form in ("performer", "elu"):
         m = sympy.Integer(knobs["features"]) if form == "performer" else d
         exp = EXP_FLOPS if form == "performer" else 2
@@ -164,42 +246,36 @@ def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
         moved = 4 * (Lq + Lk) * m * f4
         # GPU: Performer runs the Scatterbrain kernel with an empty support (key state in torch, one
         # kernel); elu+1 runs its torch code
-        return OpCost(BH * per, BH * moved, sympy.Integer(LAUNCHES["performer" if form == "performer" else "elu"]),
-                      sympy.Integer(8) if form == "performer" else None)
+        return OpCost(BH * per, BH * moved, launches, sympy.Integer(8) if form == "performer" else None, host)
     if form in ("window", "scatterbrain"):
-        r = int(knobs.get("window") or 0)
+        r = knobs.get("window")
         g = int(knobs.get("global_keys") or 0)
         c = int(knobs.get("clusters") or 1)
         m = int(knobs.get("features") or 0) if form == "scatterbrain" else 0
-        block = sympy.Min(CHUNK, Lq) + 2 * r if knobs.get("window") is not None else 0
-        pair = 2 * d + 2 * dv + 2 * m + EXP_FLOPS + 4
-        dense = c * g <= DENSE_GLOBAL  # all clusters' keys scored densely per block, else gathered per query
-        per_query = c * g if dense else g
-        per = Lq * (block + per_query) * pair
-        moved = Lq * (block + per_query) * f4 * 3
-        moved += (c * g if dense else Lq * g) * (d + dv + m) * f4 * 2  # the global rows, gathered
+        pair = 2 * d + 2 * dv + EXP_FLOPS + 6 + (2 * m + 3 if m else 0)
+        per, moved = sympy.Integer(0), sympy.Integer(0)
+        if r is not None:
+            C = window_block(int(r))
+            rows = sympy.ceiling(Lq / C) * C
+            per += rows * (C + 2 * int(r)) * pair
+            moved += rows * (C + 2 * int(r)) * f4 * 3
         if g:
-            per += 6 * Lq * c * d + Lq * c * 4
-            moved += 6 * Lq * c * f4
-        chunks = sympy.ceiling(Lq / CHUNK)
-        launches = LAUNCHES["window"] + LAUNCHES["window_chunk"] * chunks
-        if g:
-            kind = "global_dense" if dense else "global"
-            launches += LAUNCHES[kind] + LAUNCHES[kind + "_chunk"] * chunks
+            slots = Lq + c * GLOBAL_BLOCK / 2  # each cluster's last block half empty, on average
+            per += slots * g * pair + 6 * Lq * c * d + Lq * c * 4
+            moved += slots * g * f4 * 3 + Lq * g * (d + dv + m) * f4 * 2 / GLOBAL_BLOCK + 6 * Lq * c * f4
         # GPU: Scatterbrain runs the Triton kernel (codegen/triton/scatterbrain.py: the key state in torch,
         # the global keys' k-means in torch, one kernel); the window form runs its torch code there too
-        cost = OpCost(BH * per, BH * moved, launches, None if form == "window" else sympy.Integer(2 + (20 if g else 0)))
+        cost = OpCost(BH * per, BH * moved, launches, None if form == "window" else sympy.Integer(2 + (20 if g else 0)),
+                      host)
         if m:
             low = attention_cost("performer", {"features": m}, B, H, Lq, Lk, d, dv)
-            cost = OpCost(cost.flops + low.flops, cost.bytes + low.bytes, cost.launches + low.launches,
-                          cost.gpu_launches + 6)
+            cost = OpCost(cost.flops + low.flops, cost.bytes + low.bytes, cost.launches,
+                          cost.gpu_launches + 6, host)
         return cost
-    if form == "linformer":
-        n = sympy.Integer(knobs["segments"])
-        per = 2 * Lk * (d + dv + 1) + Lq * n * (2 * d + 2 * dv + EXP_FLOPS + 3)
-        moved = (Lk * (d + dv) + 2 * Lq * n) * f4
-        return OpCost(BH * per, BH * moved, sympy.Integer(LAUNCHES["linformer"]), sympy.Integer(8))
-    raise LrccError(f"attention_cost: unknown form {form!r}")
+    n = sympy.Integer(knobs["segments"])
+    per = 2 * Lk * (d + dv + 1) + Lq * n * (2 * d + 2 * dv + EXP_FLOPS + 3)
+    moved = (Lk * (d + dv) + 2 * Lq * n) * f4
+    return OpCost(BH * per, BH * moved, launches, sympy.Integer(8), host)
 
 
 def crossover_length(form: str, knobs: dict, target: Target, heads: int, d: int, dv: int,
