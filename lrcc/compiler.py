@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -219,7 +220,10 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     may differ). Without it lrcc calibrates on example_inputs alone and says so in the report.
     options: planner knobs (rank_step, probes, sensitivity_samples, holdout, sequential, ridge, seed,
     rules, quant_bits, sparse_block, fixed_length (trace at the example's sequence length: offers
-    Linformer), attention_forms, attention_features, attention_budgets, linformer_segments;
+    Linformer), attention_forms, attention_features, attention_budgets, linformer_segments,
+    measured_latency (target cpu with a latency budget: time the compiled model against the original
+    on example_inputs here, and re-plan with a tighter estimate until the measured ratio meets the
+    budget, at most 3 tries);
     GPU targets default quant_bits to the widths their kernels
     unpack and sparse_block to (16, 16)) and backend: "eager" (default: the lowered graph runs op by op) or "inductor" (the
     lowered graph is compiled by torch.compile's inductor on its first call; CPU targets).
@@ -309,7 +313,13 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     dims = example_dims(g, example_inputs)
     reference = lower_to_torch(g)
     check = lambda graph: output_error(reference, lower_to_torch(graph), held)["rel_error"]
-    result = plan(g, m, tgt, bud, fit, sens, dims, options, say, check)
+    timer = None
+    if options.get("measured_latency"):
+        if tgt.kind != "cpu" or bud.latency is None:
+            raise LrccError("options measured_latency: times the model on this machine, so it needs target cpu and a "
+                            f"latency budget (got target {tgt.name}, budget {bud})")
+        timer = _latency_ratio(reference, example_inputs)
+    result = plan(g, m, tgt, bud, fit, sens, dims, options, say, check, timer)
     notes += result.notes
     new = result.graph
 
@@ -354,6 +364,28 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
                             f"max_error={bud.max_error}; loosen the budget or give more calibration data\n{report}")
         report.notes.append(f"FLAGGED: measured error {measured['rel_error']:.3e} exceeds max_error={bud.max_error}")
     return CompiledModel(new, report, tgt, str(bud), str(options.get("backend", "eager")), program=program)
+
+
+def _latency_ratio(reference: torch.nn.Module, example_inputs: tuple, runs: int = 5):
+    """A function graph -> its wall time on example_inputs over the original model's (lowered
+    `reference`): the fastest of `runs` each, after one warm-up (noise on a shared machine only adds
+    time). The original is timed once."""
+    def fastest(module) -> float:
+        with torch.inference_mode():
+            module(*example_inputs)
+            best = math.inf
+            for _ in range(runs):
+                t = time.perf_counter()
+                module(*example_inputs)
+                best = min(best, time.perf_counter() - t)
+        return best
+    base: list[float] = []
+
+    def ratio(graph: Graph) -> float:
+        if not base:
+            base.append(fastest(reference))
+        return fastest(lower_to_torch(graph)) / base[0]
+    return ratio
 
 
 def _dynamic_shapes(example_inputs: tuple, options: dict[str, Any]):

@@ -338,3 +338,35 @@ def test_inductor_backend_runs_the_same_plan(half, toy, tmp_path) -> None:
     assert lrcc.load(tmp_path / "fast").backend == "inductor"
     with pytest.raises(LrccError, match="unknown CPU backend"):
         lrcc.CompiledModel(half.graph, half.report, half.target, half.budget, backend="tvm")
+
+
+# --- a latency budget checked by the clock (target cpu) -------------------------------------------------
+def test_measured_latency_replans_until_the_clock_meets_the_budget(monkeypatch) -> None:
+    """options measured_latency: the compiled model is timed against the original and the plan is
+    tightened by budget / measured until it fits. The clock is replaced here by a fixed sequence of
+    readings, so the test is about the loop, not this machine's timing."""
+    import lrcc.compiler as compiler
+    readings = iter([0.95, 0.85, 0.79])
+    seen: list[float] = []
+
+    def fake_timer(reference, example_inputs):
+        def ratio(graph):
+            from lrcc.targets import get_target
+            from lrcc.targets.cost import graph_latency
+            seen.append(graph_latency(graph, get_target("cpu"), {"B": 2}))
+            return next(readings)
+        return ratio
+    monkeypatch.setattr(compiler, "_latency_ratio", fake_timer)
+    torch.manual_seed(0)
+    model = Wide().eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(b, 512, generator=gen),) for b in (6, 9, 5)]
+    cm = lrcc.compile(model, (torch.randn(2, 512),), budget=Budget(latency=0.8), calibration=batches,
+                      options={"lowrank_methods": ("svd",), "measured_latency": True})
+    notes = [n for n in cm.report.notes if "latency" in n]
+    assert len(seen) == 3 and seen[0] >= seen[1] >= seen[2] and seen[2] < seen[0], seen  # re-plans estimated faster
+    assert sum("re-planned" in n for n in notes) == 2 and not any("FLAGGED" in n for n in notes), notes
+    assert "measured latency 0.790 of the original" in " ".join(notes)
+    with pytest.raises(LrccError, match="measured_latency: times the model on this machine"):
+        lrcc.compile(model, (torch.randn(2, 512),), target="a100", budget=Budget(latency=0.8), calibration=batches,
+                     options={"measured_latency": True})

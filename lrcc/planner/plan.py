@@ -66,12 +66,16 @@ def example_dims(g: Graph, example_inputs: tuple) -> dict[str, int]:
 def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: list[tuple], sens_batches: list[tuple],
          dims: dict[str, int], options: dict[str, Any] | None = None,
          progress: Callable[[str], None] | None = None,
-         check: Callable[[Graph], float] | None = None) -> PlanResult:
+         check: Callable[[Graph], float] | None = None,
+         latency_ratio: Callable[[Graph], float] | None = None) -> PlanResult:
     """Choose one form per site; returns the rewritten graph and the decisions.
 
     With a max_error budget (and no params/bytes/latency caps) the allocation minimises parameters
     under a predicted-error cap of 0.7 max_error; `check(graph)` measures the real output error on
     held-out data and the cap is tightened until the measured error fits (at most 4 tries).
+    With a latency budget and `latency_ratio(graph)` (the measured wall time over the original's),
+    the estimated-latency cap is scaled by budget / measured until the measured ratio fits, within
+    2% (at most 3 tries).
     """
     options = options or {}
     timings: dict[str, float] = {}
@@ -203,6 +207,21 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
         timings["allocation"] = timings.get("allocation", 0.0) + time.perf_counter() - t3
         new, decisions, predicted = _apply(g, sites, table, choice, families, node_of, original, sens, fit_batches,
                                            options, timings, progress)
+        if latency_ratio is not None and "latency" in caps:
+            ratio = latency_ratio(new)
+            estimate = sum(o.costs["latency"] for o in (table[s][choice[s]] for s in table)) + fixed_latency
+            notes.append(f"measured latency {ratio:.3f} of the original here (estimated "
+                         f"{estimate / model_latency:.3f}), budget {budget.latency}")
+            least = minimum_reachable(table, "latency", fixed_latency)
+            if ratio <= 1.02 * budget.latency or tries >= 3 or caps["latency"] <= least:
+                if ratio > 1.02 * budget.latency:
+                    notes.append(f"FLAGGED: measured latency {ratio:.3f} of the original exceeds the budget "
+                                 f"{budget.latency} after {tries} plan(s)")
+                break
+            caps["latency"] = max(least, caps["latency"] * budget.latency / ratio)
+            notes.append(f"re-planned with an estimated-latency cap of {caps['latency'] / model_latency:.3f}")
+            t3 = time.perf_counter()
+            continue
         if error_cap is None or check is None or tries >= 4:
             break
         measured = check(new)
