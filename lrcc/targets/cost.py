@@ -128,9 +128,8 @@ def attention_site_cost(g: Graph, n: Node, form: str | None = None, knobs: dict 
         approx = n.attrs["target"] == APPROXIMATE_ATTENTION
         form, knobs = (n.attrs["kwargs"]["form"], _form_knobs(g, n)) if approx else ("exact", {})
     cost = attention_cost(form, knobs or {}, B, H, Lq, Lk, d, dv)
-    io = _bytes_io(g, n)
-    return OpCost(cost.flops, cost.bytes + io, cost.launches, cost.gpu_launches,
-                  None if cost.host_bytes is None else cost.host_bytes)
+    # (host_bytes, traced from the code, include reading q, k, v and writing the output)
+    return OpCost(cost.flops, cost.bytes + _bytes_io(g, n), cost.launches, cost.gpu_launches, cost.host_bytes)
 
 
 def _form_knobs(g: Graph, n: Node) -> dict:
