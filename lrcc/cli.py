@@ -1,6 +1,7 @@
 """The `lrcc` command: compile, report, targets.
 
     lrcc compile MODULE:ATTR --calibration FILE [--target T] [--budget SPEC] -o OUT [--no-html]
+                 [--measured-latency]
     lrcc report OUT [--json] [--no-html]
     lrcc targets [--json]
 
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", metavar="SPEC", default=None,
                    help="e.g. params=0.5, bytes=0.125,max_error=0.02; default max_error=0.01")
     c.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory")
+    c.add_argument("--measured-latency", action="store_true",
+                   help="target cpu with a latency budget: time the compiled model against the original here and "
+                        "re-plan until the measured ratio meets the budget")
     c.add_argument("--format", choices=("lrcc", "onnx"), default="lrcc",
                    help="onnx: also write OUT/model.onnx, the compressed model for onnxruntime")
     c.add_argument("--quiet", action="store_true", help="no progress (bars or lines) and no report on stdout")
@@ -140,7 +144,8 @@ def _compile(args) -> int:
     progress = None if args.quiet else Progress()
     try:
         cm = lrcc.compile(model, batches[0], target=args.target, budget=budget, calibration=batches,
-                          progress=progress if progress is not None else False)
+                          progress=progress if progress is not None else False,
+                          options={"measured_latency": True} if args.measured_latency else None)
     finally:
         if progress is not None:
             progress.close()  # an error message must not land on a half-drawn bar

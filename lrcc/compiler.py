@@ -235,6 +235,9 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     bud = Budget.coerce(budget)
     if bud is None:
         bud = Budget(sram=tgt.sram_bytes, flash=tgt.flash_bytes, max_error=0.01) if tgt.kind == "mcu" else Budget(max_error=0.01)
+    if options.get("measured_latency") and (tgt.kind != "cpu" or bud.latency is None):
+        raise LrccError("options measured_latency: times the model on this machine, so it needs target cpu and a "
+                        f"latency budget (got target {tgt.name}, budget {bud})")
     say = _progress(progress)
     onnx = isinstance(model, (str, os.PathLike))
     if onnx:
@@ -313,12 +316,7 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     dims = example_dims(g, example_inputs)
     reference = lower_to_torch(g)
     check = lambda graph: output_error(reference, lower_to_torch(graph), held)["rel_error"]
-    timer = None
-    if options.get("measured_latency"):
-        if tgt.kind != "cpu" or bud.latency is None:
-            raise LrccError("options measured_latency: times the model on this machine, so it needs target cpu and a "
-                            f"latency budget (got target {tgt.name}, budget {bud})")
-        timer = _latency_ratio(reference, example_inputs)
+    timer = _latency_ratio(reference, example_inputs) if options.get("measured_latency") else None
     result = plan(g, m, tgt, bud, fit, sens, dims, options, say, check, timer)
     notes += result.notes
     new = result.graph

@@ -80,6 +80,7 @@ def test_targets(capsys) -> None:
     (["compile", "nosuchmodule:factory", "-o", "X"], "cannot import module 'nosuchmodule'"),
     (["compile", "factory", "-o", "X"], "expected module:attribute"),
     (["compile", "model.onnx", "-o", "X"], "model.onnx: no such file"),
+    (["compile", "tests.cli_models:factory", "--measured-latency", "-o", "X"], "needs target cpu and a latency budget"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, calibration, capsys, tmp_path) -> None:
     argv = [a.replace("X", str(tmp_path / "o")) for a in argv] + ["--calibration", str(calibration)]
