@@ -339,42 +339,35 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     machine = f"{platform.machine()} CPU, {args.threads} thread(s), torch {torch.__version__}"
-    if not args.skip_layer:
-        text, _ = layer_table(args.layer_repeats)
+    def publish(key: str, heading: str, intro: str, text: str) -> None:
         print(text)
         if not args.no_docs:
-            write_section(ROOT / "docs" / "benchmarks.md", "attention-crossover",
-                          "## Attention forms: predicted and measured crossovers (benchmarks/attention_speed.py)\n\n"
-                          f"One attention layer of MiniLM's shape ({HEADS} heads of {HEAD_DIM}, batch 1, key "
-                          f"padding mask), {machine}; the fastest of at least {args.layer_repeats} runs and 0.5 s of them "
-                          "per form and length, on the grid "
-                          f"{', '.join(map(str, LAYER_LENGTHS))}. Predicted: the least L from which lrcc's cost model "
-                          "(roofline of the cpu target, symbolic in L) prices the form below exact attention; "
-                          "measured: where least-squares fits of the timings cross (exact a + b L + c L^2, the form "
-                          "a + b L), and the least grid length from which the form is faster at every longer one "
-                          "(noisier: one slow run at one length moves it).\n\n" + text)
-    if not args.skip_choices:
-        text = choices_table(args)
-        print(text)
-        if not args.no_docs:
-            write_section(ROOT / "docs" / "benchmarks.md", "attention-choices",
-                          "## What the planner chooses as sequences grow (benchmarks/attention_speed.py)\n\n"
-                          f"The MiniLM-shaped encoder above, Budget(latency={args.choice_budget}) on the cpu target, "
-                          f"priced at each length L (the example input), calibrated on {args.choice_calibration} packed "
-                          "sequences of 256 tokens (every 8th batch of 8 held out for the measured error). As Greenformers found, weight factorisation "
-                          "carries the budget for short sequences and attention forms take over for long ones; "
-                          "here it follows from lrcc's own cost model.\n\n" + text)
-    if not args.skip_model:
-        text = model_table(args)
-        print(text)
-        if not args.no_docs:
-            write_section(ROOT / "docs" / "benchmarks.md", "attention-long",
-                          "## Long sequences: MiniLM-shaped encoder at L = 1024 to 8192 (benchmarks/attention_speed.py)"
-                          f"\n\n{machine}. MiniLM's pretrained layers, position table extended to {MAX_POSITIONS} "
-                          "(the 512 rows repeated); batch 1; time the fastest of "
-                          f"{args.repeats} runs (noise on a shared machine only adds time), peak memory the forward pass's own (VmHWM in a fresh process, "
-                          "minus its RSS before the pass).\n\n" + text)
+            write_section(ROOT / "docs" / "benchmarks.md", key, f"## {heading} (benchmarks/attention_speed.py)\n\n"
+                          + intro + "\n\n" + text)
 
+    if not args.skip_layer:
+        publish("attention-crossover", "Attention forms: predicted and measured crossovers",
+                f"One attention layer of MiniLM's shape ({HEADS} heads of {HEAD_DIM}, batch 1, key "
+                f"padding mask), {machine}; the fastest of at least {args.layer_repeats} runs and 0.5 s of them "
+                "per form and length, on the grid "
+                f"{', '.join(map(str, LAYER_LENGTHS))}. Predicted: the least L from which lrcc's cost model "
+                "(roofline of the cpu target, symbolic in L) prices the form below exact attention; "
+                "measured: where least-squares fits of the timings cross (exact a + b L + c L^2, the form "
+                "a + b L), and the least grid length from which the form is faster at every longer one "
+                "(noisier: one slow run at one length moves it).", layer_table(args.layer_repeats)[0])
+    if not args.skip_choices:
+        publish("attention-choices", "What the planner chooses as sequences grow",
+                f"The MiniLM-shaped encoder above, Budget(latency={args.choice_budget}) on the cpu target, "
+                f"priced at each length L (the example input), calibrated on {args.choice_calibration} packed "
+                "sequences of 256 tokens (every 8th batch of 8 held out for the measured error). As Greenformers "
+                "found, weight factorisation carries the budget for short sequences and attention forms take over "
+                "for long ones; here it follows from lrcc's own cost model.", choices_table(args))
+    if not args.skip_model:
+        publish("attention-long", "Long sequences: MiniLM-shaped encoder at L = 1024 to 8192",
+                f"{machine}. MiniLM's pretrained layers, position table extended to {MAX_POSITIONS} "
+                f"(the 512 rows repeated); batch 1; time the fastest of {args.repeats} runs (noise on a shared "
+                "machine only adds time), peak memory the forward pass's own (VmHWM in a fresh process, minus its "
+                "RSS before the pass).", model_table(args))
 
 if __name__ == "__main__":
     main()

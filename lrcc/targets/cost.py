@@ -145,7 +145,7 @@ def _form_knobs(g: Graph, n: Node) -> dict:
 
 
 _GATHERS = {"index_select", "index", "gather"}
-_FREE = _VIEWS | {"unfold", "as_strided", "_to_copy", "lift_fresh", "empty", "empty_like", "new_empty",
+_FREE = _VIEWS | {"unfold", "as_strided", "lift_fresh", "empty", "empty_like", "new_empty",
                   "empty_strided", "arange", "_local_scalar_dense", "is_nonzero", "item"}
 
 
