@@ -69,6 +69,10 @@ def layer_forms() -> list[tuple[str, dict, str]]:
         sb = la.split_budget(b)
         out.append(("scatterbrain", {"window": sb.window, "global_keys": sb.global_keys, "clusters": sb.clusters,
                                      "features": sb.features}, f"Scatterbrain, {b} per query"))
+    for b in (32, 64):
+        cl = la.clustered_budget(b)
+        out.append(("clustered", {"window": cl.window, "global_keys": cl.global_keys, "clusters": cl.clusters},
+                    f"sparse + centroids, {b} per query"))
     out.append(("linformer", {"segments": 64}, "Linformer, 64 segments"))
     return out
 

@@ -58,6 +58,16 @@ def test_float_key_masks_match_sdpa(kind) -> None:
     assert torch.allclose(la.linformer_attention(q, k, v, torch.arange(L + 1), mask), ref, atol=1e-5)
     # global keys alone, all of them: exact as well
     assert torch.allclose(la.local_attention(q, k, v, None, mask, global_keys=L, clusters=2), ref, atol=1e-5)
+    assert torch.allclose(la.clustered_attention(q, k, v, L, mask, clusters=2), ref, atol=1e-5)
+    assert torch.allclose(la.clustered_attention(q, k, v, None, mask, global_keys=L, clusters=2), ref, atol=1e-5)
+    # the centroid kernel off a partial support weighs key j by exp(qbar . k_j / sqrt(d) + b_j)
+    centroids, cluster = la.cluster_queries(q, mask, 2)
+    s = (centroids @ k.transpose(-1, -2) / d ** 0.5 + mask[:, None, None, :]).gather(
+        2, cluster[..., None].expand(-1, -1, -1, L))
+    band = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).abs() <= 2
+    e = torch.where(band, q @ k.transpose(-1, -2) / d ** 0.5 + mask[:, None, None, :], s).exp()
+    assert torch.allclose(la.clustered_attention(q, k, v, 2, mask, clusters=2), (e @ v) / e.sum(-1, keepdim=True),
+                          atol=1e-5)
     # elu + 1 weighs key j by exp(b_j): check against the formula
     w = torch.exp(mask.masked_fill(mask <= torch.finfo(torch.float32).min, float("-inf")))[:, None, :, None]
     fq, fk = F.elu(q) + 1, (F.elu(k) + 1) * w
@@ -94,6 +104,7 @@ def test_costs_are_symbolic_in_length() -> None:
 @pytest.mark.parametrize("target", ["cpu", "a100"])
 @pytest.mark.parametrize("form,knobs", [("performer", {"features": 64}), ("elu", {}),
                                         ("window", {"window": 15, "global_keys": 0, "clusters": 1}),
+                                        ("clustered", {"window": 7, "global_keys": 16, "clusters": 4}),
                                         ("linformer", {"segments": 64})])
 def test_crossover_is_where_the_form_starts_to_win(target, form, knobs) -> None:
     tgt = get_target(target)
@@ -254,7 +265,9 @@ def test_gpu_lowering_runs_the_triton_kernel(form) -> None:
     ("performer", {"features": 4}), ("elu", {}), ("linformer", {"segments": 8}),
     ("window", {"window": 3, "global_keys": 0, "clusters": 1}),
     ("window", {"window": None, "global_keys": 5, "clusters": 2}),
-    ("scatterbrain", {"window": 3, "global_keys": 5, "clusters": 2, "features": 4})])
+    ("scatterbrain", {"window": 3, "global_keys": 5, "clusters": 2, "features": 4}),
+    ("clustered", {"window": 3, "global_keys": 5, "clusters": 2}),
+    ("clustered", {"window": None, "global_keys": 0, "clusters": 3})])
 def test_traced_host_costs_extrapolate_in_length(form, knobs, monkeypatch) -> None:
     """The CPU cost of a form (bytes moved, operators launched) is counted from lrcc's torch code at
     two lengths and taken linear in L: at a longer length it must match a fresh count. (Spans small

@@ -105,7 +105,7 @@ def _candidate(g: Graph, n: Node, rule: str, choice: str, knobs: dict, param_fn,
     site = info["site"]
     cost = attention_site_cost(g, n, knobs["form"], knobs)
     kwargs = {"form": knobs["form"], "scale": float(info["scale"])}
-    if knobs["form"] in ("window", "scatterbrain"):
+    if knobs["form"] in ("window", "scatterbrain", "clustered"):
         kwargs.update(window=knobs["window"], global_keys=knobs["global_keys"], clusters=knobs["clusters"])
 
     def change(stats) -> AttentionChange:
@@ -125,7 +125,7 @@ def _offer(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
     site = info["site"]
     d = int(info["head_dim"])
     seed = int(options.get("seed", 0))
-    forms = options.get("attention_forms", ("performer", "elu", "window", "scatterbrain"))
+    forms = options.get("attention_forms", ("performer", "elu", "window", "scatterbrain", "clustered"))
     out: list[Candidate] = []
     if "performer" in forms:
         for m in options.get("attention_features", (16, 32, 64, 128)):
@@ -155,6 +155,13 @@ def _offer(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
                                   {"form": "scatterbrain", "window": sb.window, "global_keys": sb.global_keys,
                                    "clusters": sb.clusters, "features": sb.features}, features,
                                   param_bytes=4 * sb.features * d))
+        if "clustered" in forms:
+            cl = la.clustered_budget(b)
+            out.append(_candidate(g, n, "approximate_attention",
+                                  f"sparse + centroids, {b} per query (window {2 * cl.window + 1}, {cl.global_keys} "
+                                  f"global keys, {cl.clusters} clusters' centroids)",
+                                  {"form": "clustered", "window": cl.window, "global_keys": cl.global_keys,
+                                   "clusters": cl.clusters}, lambda stats: None))
     return out
 
 

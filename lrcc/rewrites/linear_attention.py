@@ -33,6 +33,17 @@ Laws:
   log mean_{i in group} exp(q_i . k_j / sqrt(d)) >= qbar . k_j / sqrt(d): the ranking is by a
   lower bound of a key's mean unnormalised attention from that group. One group ranks by the mean
   query. Choosing costs O(L d clusters (iterations + 1)) time and O(L + clusters n) memory.
+- Sparse + centroids (the "clustered" form): Scatterbrain's combination with the cluster
+  centroid's kernel as the low-rank part, as improved clustered attention (Vyas et al. 2020,
+  arXiv:2007.04825) keeps each cluster's top keys exact and gives the rest the centroid's
+  attention: off the support, query i of cluster c weighs key j by exp(qbar_c . k_j / sqrt(d)).
+  That matrix has rank <= clusters (phi(q_i) the one-hot of i's cluster, phi(k_j)_c =
+  exp(qbar_c . k_j / sqrt(d))), so it runs through the same code as FAVOR+, and it is exact for a
+  query at its centroid. FAVOR+'s estimate has relative variance exp(|q + k|^2 / sqrt(d)) - 1
+  per entry, and |q + k|^2 / sqrt(d) averages 9 to 27 (by layer) over MiniLM's pairs of queries and
+  keys on real text; the centroid kernel has no variance, only the bias
+  of exp((q_i - qbar_c) . k_j / sqrt(d)) ~ 1, small where the clusters are tight. Post-training:
+  the clusters are found per sequence at run time (the same k-means as the global keys').
 - Linformer (Wang et al. 2020, arXiv:2006.04768): softmax(q (E K)^T) (F V) with E, F: n x L,
   attention over n projected keys, O(L n). Post-training we fit E = F = segment averaging
   (row s of E averages the keys of a contiguous segment of positions) with a log(count) logit
@@ -138,30 +149,51 @@ def scatterbrain_attention(q, k, v, w: torch.Tensor, window: int | None, mask=No
     return _sparse_plus_low_rank(q, k, v, mask, window, global_keys, clusters, w=w)
 
 
-def select_global_keys(q, k, n: int, mask=None, clusters: int = 1, iterations: int = 2):
-    """Global keys per cluster of queries: ([B, H, clusters, n] key indices, [B, H, L] each
-    query's cluster). Queries are clustered by `iterations` Lloyd steps of k-means (assign each
-    query to the nearest centroid, move each centroid to the mean of its unpadded queries) started
-    from evenly spaced queries; a cluster's keys are the n with the largest score against its
-    centroid, padded keys last (they are never attended)."""
+def clustered_attention(q, k, v, window: int | None, mask=None, global_keys: int = 0, clusters: int = 1):
+    """Sparse support (local window of radius `window`, None for none, plus `global_keys` keys per
+    cluster of queries) exact, elsewhere the centroid kernel of the query's cluster (a rank-clusters
+    low-rank part: exp(qbar . k_j / sqrt(d)) for every query of the cluster), the support not
+    counted twice; O(L (window + global_keys + clusters))."""
+    return _sparse_plus_low_rank(q, k, v, mask, window, global_keys, clusters, w=None, centroid=True)
+
+
+def cluster_queries(q, mask=None, clusters: int = 1, iterations: int = 2):
+    """([B, H, c, d] centroids, [B, H, L] each query's cluster), c = min(clusters, L): `iterations`
+    Lloyd steps of k-means (assign each query to the nearest centroid, move each centroid to the
+    mean of its queries at unpadded positions) started from evenly spaced queries."""
     if clusters < 1 or iterations < 1:
         raise LrccError(f"select_global_keys: need clusters >= 1 and iterations >= 1, got {clusters}, {iterations}")
     L = q.shape[2]
-    valid, bias = _key_bias(mask, k)  # [B, 1, L]
+    valid = _valid_keys(mask, q)  # [B, 1, L] (queries and keys share the positions)
     qf, weights = q.float(), valid[..., None].float()
     clusters = min(clusters, L)
     centroids = qf[:, :, torch.linspace(0, L - 1, clusters).round().long()]  # [B, H, c, d]
+    assign = torch.zeros(qf.shape[:3], dtype=torch.long, device=q.device)
     for _ in range(iterations):
         dist = (centroids * centroids).sum(-1)[..., None, :] - 2 * qf @ centroids.transpose(-1, -2)  # - |q|^2
         assign = dist.argmin(-1)  # [B, H, L]
         member = F.one_hot(assign, clusters).float() * weights  # [B, H, L, c]
         count = member.sum(-2)[..., None]
         centroids = torch.where(count > 0, member.transpose(-1, -2) @ qf / count.clamp(min=1), centroids)
-    score = centroids @ k.float().transpose(-1, -2)
-    if bias is not None:  # the keys' bias, on the scale of q . k (the scores divide by sqrt(d))
-        score = score + math.sqrt(q.shape[-1]) * bias[:, :, None, :]
-    score = score.masked_fill(~valid[:, :, None, :], float("-inf"))
-    return score.topk(min(n, L), dim=-1).indices, assign
+    return centroids, assign
+
+
+def centroid_scores(centroids, k, mask=None) -> torch.Tensor:
+    """[B, H, c, L]: each centroid's scores qbar . k_j / sqrt(d) plus the keys' bias, -inf at
+    masked keys: the log of the centroid kernel exp(qbar . k_j / sqrt(d) + b_j)."""
+    valid, bias = _key_bias(mask, k)  # [B, 1, L]
+    score = centroids @ k.float().transpose(-1, -2) / math.sqrt(k.shape[-1])
+    if bias is not None:
+        score = score + bias[:, :, None, :]
+    return score.masked_fill(~valid[:, :, None, :], float("-inf"))
+
+
+def select_global_keys(q, k, n: int, mask=None, clusters: int = 1, iterations: int = 2):
+    """Global keys per cluster of queries: ([B, H, clusters, n] key indices, [B, H, L] each
+    query's cluster). Queries are clustered by cluster_queries; a cluster's keys are the n with
+    the largest score against its centroid, padded keys last (they are never attended)."""
+    centroids, assign = cluster_queries(q, mask, clusters, iterations)
+    return centroid_scores(centroids, k, mask).topk(min(n, q.shape[2]), dim=-1).indices, assign
 
 
 class ScatterbrainBudget(NamedTuple):
@@ -181,6 +213,18 @@ def split_budget(budget: int, sparse_share: float = 0.75) -> ScatterbrainBudget:
     sparse = max(1, min(budget, round(budget * sparse_share)))
     radius = sparse // 4
     return ScatterbrainBudget(radius, sparse - (2 * radius + 1), max(1, budget // 8), budget - sparse)
+
+
+def clustered_budget(budget: int) -> ScatterbrainBudget:
+    """The clustered form's shape for `budget` entries per query: budget - 1 exact keys (a window of
+    about half of them, the rest global keys) and one entry for the query's cluster's state (its
+    centroid kernel's sum_j k(qbar, k_j) v_j and sum_j k(qbar, k_j), read once per query); queries
+    fall into budget / 8 clusters, as split_budget's."""
+    if budget < 2:
+        raise LrccError(f"clustered_budget: need a budget of at least 2 entries per query, got {budget}")
+    sparse = budget - 1
+    radius = sparse // 4
+    return ScatterbrainBudget(radius, sparse - (2 * radius + 1), max(1, budget // 8), 0)
 
 
 CHUNK = 128  # the most queries per block (blocks are the least power of two above the window's radius)
@@ -305,8 +349,9 @@ def _global_part(qs, kf, vf, valid, bias, keys_of, cluster, r: int | None, low) 
 
 
 def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, clusters: int,
-                          w: torch.Tensor | None):
-    """Shared body: exact scores on the support (window and global keys), FAVOR+ off it (if w).
+                          w: torch.Tensor | None, centroid: bool = False):
+    """Shared body: exact scores on the support (window and global keys), off it FAVOR+ (if w) or
+    the centroid kernel of the query's cluster (if centroid), or nothing.
     Queries go in blocks (block_layout); the window part of a block scores its keys from `window`
     before its first query to `window` after its last, a strided view of the padded keys (no copy);
     a span of blocks (spans) is one set of batched products. The global keys come as a Partial
@@ -321,21 +366,33 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
     valid, bias = _key_bias(mask, k)  # [B, 1, L]
     tiny = torch.finfo(torch.float32).tiny
     m = 0
-    if w is not None:
-        m = w.shape[0]
-        lk = _log_features(kf, w)
-        if bias is not None:  # exp(b_j) phi(k_j): the bias joins the key's log-features
-            lk = lk + bias[..., None]
-        lk = lk.masked_fill(~valid[..., None], float("-inf"))  # [B, H, L, m]
+    scores = cluster = None
+    if global_keys > 0 or centroid:  # the queries' clusters and their centroids' scores [B, H, c, L]
+        centroids, cluster = cluster_queries(qf, mask, clusters)
+        scores = centroid_scores(centroids, kf, mask)
+    low = w is not None or centroid
+    if low:
+        if centroid:  # features: phi(q) the one-hot of q's cluster, phi(k)_c = exp(qbar_c . k / sqrt(d) + b)
+            m = scores.shape[2]
+            lk = scores.transpose(-1, -2)  # (bias and padding already in)
+            lq = torch.full((B, H, L, m), float("-inf"), device=q.device).scatter_(-1, cluster[..., None], 0.0)
+            log_scale = 0.0
+        else:
+            m = w.shape[0]
+            lk = _log_features(kf, w)
+            if bias is not None:  # exp(b_j) phi(k_j): the bias joins the key's log-features
+                lk = lk + bias[..., None]
+            lk = lk.masked_fill(~valid[..., None], float("-inf"))  # [B, H, L, m]
+            lq, log_scale = _log_features(qf, w), -math.log(m)
         b = lk.amax(-2, keepdim=True)  # per-feature key shift: each feature's largest phi(k) becomes 1
         b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
-        lq = _log_features(qf, w) + b  # the shift moves to the query side
+        lq = lq + b  # the shift moves to the query side
         a = lq.amax(-1, keepdim=True)  # per-query shift: each query's largest phi(q) becomes 1
         fq, fk = torch.exp(lq - a), torch.exp(lk - b)
         kv, z = fk.transpose(-1, -2) @ vf, fk.sum(-2)[..., None]  # [B, H, m, dv], [B, H, m, 1]
         if window is None and global_keys == 0:  # low-rank alone: O(L m) in one step
             return (fq @ kv).div_((fq @ z).clamp_(min=tiny))  # all keys padding: kv = 0, so 0
-        low_log = a - math.log(m)  # phi(q_i) . phi(k_j) = exp(low_log_i) fq_i . fk_j, [B, H, L, 1]
+        low_log = a + log_scale  # phi(q_i) . phi(k_j) = exp(low_log_i) fq_i . fk_j, [B, H, L, 1]
         kv, z = kv.reshape(BH, m, dv), z.reshape(BH, m, 1)
     r = None if window is None else min(window, L - 1)
     lay = block_layout(L, r)
@@ -350,15 +407,15 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
 
     qs = qf / math.sqrt(d)  # the scores' scale, applied once
     qb = layout(qs).view(BH, Lh, d)
-    fqb, lowb = (layout(fq).view(BH, Lh, m), layout(low_log).view(BH, Lh, 1)) if w is not None else (None, None)
+    fqb, lowb = (layout(fq).view(BH, Lh, m), layout(low_log).view(BH, Lh, 1)) if low else (None, None)
     glob = None
     if global_keys > 0:
-        keys_of, cluster = select_global_keys(qf, kf, global_keys, mask, clusters)  # [B, H, c, g], [B, H, L]
-        low = None if w is None else (fq.reshape(BH, L, m), fk.reshape(BH, L, m), low_log.reshape(BH, L, 1), z)
+        keys_of = scores.topk(min(global_keys, L), dim=-1).indices  # [B, H, c, g] (select_global_keys)
+        parts = None if not low else (fq.reshape(BH, L, m), fk.reshape(BH, L, m), low_log.reshape(BH, L, 1), z)
         glob = _global_part(qs.reshape(BH, L, d), kf.reshape(BH, L, d), vf.reshape(BH, L, dv),
                             valid.expand(B, H, L).reshape(BH, L),
                             None if bias is None else bias.expand(B, H, L).reshape(BH, L),
-                            keys_of.reshape(BH, *keys_of.shape[2:]), cluster.reshape(BH, L), r, low)
+                            keys_of.reshape(BH, *keys_of.shape[2:]), cluster.reshape(BH, L), r, parts)
         glob = Partial(*(layout(x.view(B, H, L, -1)).view(BH, Lh, -1) for x in glob))
     per_query = 0
     if r is not None:
@@ -369,7 +426,7 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
             return layout(x, r).as_strided((BH * P, R, e), (C * e, e, 1))
 
         k_win, v_win = windows(kf), windows(vf)
-        fk_win = windows(fk) if w is not None else None
+        fk_win = windows(fk) if low else None
         ok = torch.zeros(B, Lh + 2 * r, dtype=torch.bool, device=q.device)
         ok[:, r + front:r + front + L] = valid[:, 0]
         off = torch.arange(R, device=q.device)[None, :] - torch.arange(C, device=q.device)[:, None]
@@ -389,7 +446,7 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
             s = (qb[h0:h1, s0:s1].reshape(nh * n, C, d) @ k_win[G0:G1].transpose(-1, -2)).view(nh, n, C, R)
             s = s.add_(add_win[h0 // H, p0:p1]).view(nh, S, R)
             c = s.amax(-1, keepdim=True)
-        if w is not None:  # the row's low-rank total / exp(low_log): >= 1 (the feature where fq is 1 has a
+        if low:  # the row's low-rank total / exp(low_log): >= 1 (the feature where fq is 1 has a
             fqc, lowc = fqb[h0:h1, s0:s1], lowb[h0:h1, s0:s1]
             low_den = fqc @ z[h0:h1]  # key where fk is 1), or 0 when every key is padding
             low_c = torch.log(low_den) + lowc
@@ -398,14 +455,14 @@ def _sparse_plus_low_rank(q, k, v, mask, window: int | None, global_keys: int, c
             gc = glob.c[h0:h1, s0:s1]
             c = gc if c is None else torch.maximum(c, gc)
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-        if w is not None:
+        if low:
             scale = torch.where(low_den > 0, torch.exp(lowc - c), torch.zeros_like(low_den))
             num, den = scale * (fqc @ kv[h0:h1]), scale * low_den
         if r is not None:
             # exact terms on the support (s <= c there), 0 off it. exp runs several times slower on
             # -inf and on results below float32's normal range, hence the clamp and the product
             e = (s - c).clamp_(min=EXP_FLOOR).exp_()
-            if w is not None:  # minus the low-rank estimate there: the support is not counted twice
+            if low:  # minus the low-rank estimate there: the support is not counted twice
                 pairs = (fqc.reshape(nh * n, C, m) @ fk_win[G0:G1].transpose(-1, -2)).view(nh, S, R)
                 e = e.sub_(pairs.mul_(scale))
             e = e.mul_(sup_win[h0 // H, p0:p1].view(1, S, R))
@@ -502,7 +559,7 @@ def linformer_attention(q, k, v, segments: torch.Tensor, mask=None):
     return (e @ vbar) / e.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
-FORMS = ("performer", "elu", "window", "scatterbrain", "linformer")
+FORMS = ("performer", "elu", "window", "scatterbrain", "clustered", "linformer")
 
 
 def sdpa_form_inputs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, scale: float | None):
@@ -528,7 +585,7 @@ def approximate_attention(q, k, v, attn_mask=None, param=None, *, form: str, sca
     """What a rewritten attention site computes: SDPA's q, k, v and attn_mask (a key mask that is the
     same for every query and head, broadcastable to [B, 1, 1, L]; bool or additive float), in one of
     FORMS. param: the form's tensor (Performer's and Scatterbrain's random features, m x d;
-    Linformer's segment boundaries, H x (n + 1)), None for elu and window. The result has q's dtype."""
+    Linformer's segment boundaries, H x (n + 1)), None for elu, window and clustered. The result has q's dtype."""
     if form not in FORMS:
         raise LrccError(f"approximate_attention: unknown form {form!r}; one of {', '.join(FORMS)}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -543,6 +600,8 @@ def approximate_attention(q, k, v, attn_mask=None, param=None, *, form: str, sca
         out = local_attention(q, k, v, window, mask, global_keys, clusters)
     elif form == "scatterbrain":
         out = scatterbrain_attention(q, k, v, param, window, mask, global_keys, clusters)
+    elif form == "clustered":
+        out = clustered_attention(q, k, v, window, mask, global_keys, clusters)
     else:
         out = linformer_attention(q, k, v, param, mask)
     return out.to(q.dtype)

@@ -224,6 +224,8 @@ def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
                   global keys per query, in blocks of one cluster (GLOBAL_BLOCK, a cluster's last
                   block part empty); choosing them: k-means (2 steps) and the centroids' scores.
     scatterbrain  window + performer, and the low-rank estimate on the support (m per pair).
+    clustered     window + global keys; the centroid kernel as a rank-c low-rank part (c exps per key,
+                  a c x dv state, c per pair on the support): scatterbrain with m = c, no features.
     linformer     pooling (L (d + dv)), scores and values against n segment means.
     """
     from ..rewrites.linear_attention import GLOBAL_BLOCK, window_block
@@ -232,7 +234,7 @@ def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
     f4 = 4  # bytes per fp32 element
     if form == "exact":
         return OpCost(BH * Lq * Lk * (2 * d + 2 * dv + EXP_FLOPS + 3), sympy.Integer(0), sympy.Integer(1))
-    if form not in ("performer", "elu", "window", "scatterbrain", "linformer"):
+    if form not in ("performer", "elu", "window", "scatterbrain", "clustered", "linformer"):
         raise LrccError(f"attention_cost: unknown form {form!r}")
     traced = traced_attention(form, tuple(sorted((str(a), b) for a, b in knobs.items() if not str(a).startswith("_"))),
                               int(H), int(d), int(dv))
@@ -246,11 +248,11 @@ def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
         # GPU: Performer runs the Scatterbrain kernel with an empty support (key state in torch, one
         # kernel); elu+1 runs its torch code
         return OpCost(BH * per, BH * moved, launches, sympy.Integer(8) if form == "performer" else None, host)
-    if form in ("window", "scatterbrain"):
+    if form in ("window", "scatterbrain", "clustered"):
         r = knobs.get("window")
         g = int(knobs.get("global_keys") or 0)
         c = int(knobs.get("clusters") or 1)
-        m = int(knobs.get("features") or 0) if form == "scatterbrain" else 0
+        m = int(knobs.get("features") or 0) if form == "scatterbrain" else c if form == "clustered" else 0
         pair = 2 * d + 2 * dv + EXP_FLOPS + 6 + (2 * m + 3 if m else 0)
         per, moved = sympy.Integer(0), sympy.Integer(0)
         if r is not None:
@@ -258,15 +260,23 @@ def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
             rows = sympy.ceiling(Lq / C) * C
             per += rows * (C + 2 * int(r)) * pair
             moved += rows * (C + 2 * int(r)) * f4 * 3
+        if form == "clustered" and not g:  # the clusters: k-means and the centroids' scores
+            per += 6 * Lq * c * d
+            moved += 6 * Lq * c * f4
         if g:
             slots = Lq + c * GLOBAL_BLOCK / 2  # each cluster's last block half empty, on average
             per += slots * g * pair + 6 * Lq * c * d + Lq * c * 4
             moved += slots * g * f4 * 3 + Lq * g * (d + dv + m) * f4 * 2 / GLOBAL_BLOCK + 6 * Lq * c * f4
         # GPU: Scatterbrain runs the Triton kernel (codegen/triton/scatterbrain.py: the key state in torch,
         # the global keys' k-means in torch, one kernel); the window form runs its torch code there too
-        cost = OpCost(BH * per, BH * moved, launches, None if form == "window" else sympy.Integer(2 + (20 if g else 0)),
-                      host)
-        if m:
+        # (clustered runs its torch code there too)
+        cost = OpCost(BH * per, BH * moved, launches,
+                      sympy.Integer(2 + (20 if g else 0)) if form == "scatterbrain" else None, host)
+        if form == "clustered":  # centroid kernel: c exps per key, the c x dv state, a state row per query
+            low = OpCost(BH * (Lk * c * (EXP_FLOPS + 3) + 2 * Lk * c * dv + 2 * Lq * c * (dv + 1)),
+                         BH * 4 * (Lq + Lk) * c * f4, launches)
+            cost = OpCost(cost.flops + low.flops, cost.bytes + low.bytes, cost.launches, None, host)
+        elif m:
             low = attention_cost("performer", {"features": m}, B, H, Lq, Lk, d, dv)
             cost = OpCost(cost.flops + low.flops, cost.bytes + low.bytes, cost.launches,
                           cost.gpu_launches + 6, host)

@@ -208,7 +208,8 @@ def approximate_attention_triton(q, k, v, attn_mask=None, param=None, *, form: s
                                  window: int | None = None, global_keys: int = 0, clusters: int = 1):
     """lrcc.rewrites.linear_attention.approximate_attention for GPU targets: the Performer and
     Scatterbrain forms run this file's kernel (Performer is Scatterbrain with an empty support); the
-    other forms (elu+1 with a key mask, window, Linformer) run their torch code on the device."""
+    other forms (elu+1 with a key mask, window, sparse + centroids, Linformer) run their torch code
+    on the device."""
     from ...rewrites import linear_attention as la
     if form not in ("performer", "scatterbrain"):
         return la.approximate_attention(q, k, v, attn_mask, param, form=form, scale=scale, window=window,
