@@ -236,10 +236,10 @@ def test_fixed_length_offers_fitted_linformer() -> None:
             cm(*_batch(9, L // 2))
 
 
-@pytest.mark.parametrize("form", ["performer", "scatterbrain"])
+@pytest.mark.parametrize("form", ["performer", "scatterbrain", "clustered"])
 def test_gpu_lowering_runs_the_triton_kernel(form) -> None:
-    """GPU targets lower Performer and Scatterbrain sites to the Triton kernel (here in the
-    interpreter); it computes what the torch form computes."""
+    """GPU targets lower Performer, Scatterbrain and sparse + centroids sites to the Triton kernel
+    (here in the interpreter); it computes what the torch form computes."""
     from lrcc.codegen.torch_module import lower_to_torch
     from lrcc.codegen.triton.scatterbrain import approximate_attention_triton
     from lrcc.rewrites.attention import replace_attention

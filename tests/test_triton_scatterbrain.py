@@ -20,11 +20,13 @@ from lrcc.codegen.triton.scatterbrain import (
     MAX_FEATURES,
     MAX_HEAD_DIM,
     TEMPLATE,
+    clustered_attention_triton,
     scatterbrain_attention_triton,
     scatterbrain_config,
 )
 from lrcc.errors import LrccError
 from lrcc.rewrites.linear_attention import (
+    clustered_attention,
     exact_attention,
     orthogonal_features,
     performer_attention,
@@ -161,6 +163,41 @@ def test_global_keys_default_config() -> None:
     _check(q, k, v, w, 3, global_keys=4, clusters=2)
 
 
+# --- sparse + centroids: the same kernel with the centroid kernel as the low-rank part ---------------
+@pytest.mark.parametrize("window,global_keys,clusters", [(3, 0, 3), (None, 20, 3), (2, 20, 2), (None, 0, 4),
+                                                         (45, 0, 2)])
+def test_clustered_matches_the_reference(window, global_keys, clusters) -> None:
+    """Window, global keys (two chunks of 16), both, neither (the centroid kernel alone) and a window
+    covering the sequence, with ragged padding; sequence 1 all padding gives zeros."""
+    q, k, v, _ = _inputs(45, seed=10)
+    mask = _padding(45, seed=10)
+    cfg = {**scatterbrain_config((B, H, 45, D, DV), clusters, window, global_keys, torch.float32), **SMALL}
+    out = clustered_attention_triton(q, k, v, window, mask, global_keys, clusters, config=cfg)
+    ref = clustered_attention(q.cpu(), k.cpu(), v.cpu(), window, mask.cpu(), global_keys, clusters)
+    _assert_near(out, ref, TOL[torch.float32], f"clustered window={window} global_keys={global_keys}")
+    assert torch.count_nonzero(out[1]) == 0 and torch.isfinite(out).all()
+
+
+def test_clustered_half_inputs_and_a_float_bias() -> None:
+    q, k, v, _ = _inputs(37, torch.float16, seed=11, spread=1.0)
+    gen = torch.Generator().manual_seed(11)
+    bias = (2 * torch.randn(B, 37, generator=gen)).to(device())
+    bias[0, 3:9] = float("-inf")
+    out = clustered_attention_triton(q, k, v, 4, bias, 6, 2)
+    ref = clustered_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), 4, bias.cpu(), 6, 2)
+    assert out.dtype == torch.float16
+    _assert_near(out, ref, TOL[torch.float16], "clustered fp16")
+
+
+def test_clustered_bad_input() -> None:
+    q, k, v, _ = _inputs(9)
+    for kwargs, message in (({"clusters": 0}, "clustered_attention: clusters must be an int >= 1, got 0"),
+                            ({"clusters": MAX_FEATURES + 1}, f"{MAX_FEATURES + 1} clusters > {MAX_FEATURES}"),
+                            ({"global_keys": -1}, "clustered_attention: global_keys must be an int >= 0")):
+        with pytest.raises(LrccError, match=message):
+            clustered_attention_triton(q, k, v, 3, **kwargs)
+
+
 # Triton's interpreter does not do arithmetic on bfloat16 (triton-lang/triton#11584): bf16 on a GPU only.
 BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(interpreting(), reason="bf16 needs a GPU"))
 
@@ -256,7 +293,9 @@ def test_compiles_for_sm80_and_sm90() -> None:
     jobs = [AotJob(TEMPLATE, scatterbrain_config(shape, 64, 16, 16, "fp16"), arch, "fp16")
             for arch in ("sm_80", "sm_90")]
     jobs.append(AotJob(TEMPLATE, scatterbrain_config(largest, MAX_FEATURES, 64, 64, "fp32"), "sm_80", "fp32"))
-    sm80, sm90, biggest = compile_many(jobs)
+    jobs.append(AotJob(TEMPLATE, {**scatterbrain_config(shape, 8, 16, 16, "fp16"), "CENTROID": True}, "sm_80", "fp16"))
+    sm80, sm90, biggest, centroid = compile_many(jobs)
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in centroid["ptx"], "sm_80 (centroid): no fp16 mma"
     assert ".target sm_80" in sm80["ptx"] and ".target sm_90a" in sm90["ptx"]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in sm80["ptx"], "sm_80: no fp16 mma.sync"
     assert ".f32.tf32.tf32.f32" in sm80["ptx"], "sm_80: no tf32 mma.sync"

@@ -267,15 +267,15 @@ def attention_cost(form: str, knobs: dict, B, H, Lq, Lk, d, dv) -> OpCost:
             slots = Lq + c * GLOBAL_BLOCK / 2  # each cluster's last block half empty, on average
             per += slots * g * pair + 6 * Lq * c * d + Lq * c * 4
             moved += slots * g * f4 * 3 + Lq * g * (d + dv + m) * f4 * 2 / GLOBAL_BLOCK + 6 * Lq * c * f4
-        # GPU: Scatterbrain runs the Triton kernel (codegen/triton/scatterbrain.py: the key state in torch,
-        # the global keys' k-means in torch, one kernel); the window form runs its torch code there too
-        # (clustered runs its torch code there too)
+        # GPU: Scatterbrain and sparse + centroids run the Triton kernel (codegen/triton/scatterbrain.py:
+        # the key state in torch, the k-means in torch, one kernel); the window form runs its torch code
         cost = OpCost(BH * per, BH * moved, launches,
                       sympy.Integer(2 + (20 if g else 0)) if form == "scatterbrain" else None, host)
         if form == "clustered":  # centroid kernel: c exps per key, the c x dv state, a state row per query
             low = OpCost(BH * (Lk * c * (EXP_FLOPS + 3) + 2 * Lk * c * dv + 2 * Lq * c * (dv + 1)),
                          BH * 4 * (Lq + Lk) * c * f4, launches)
-            cost = OpCost(cost.flops + low.flops, cost.bytes + low.bytes, cost.launches, None, host)
+            cost = OpCost(cost.flops + low.flops, cost.bytes + low.bytes, cost.launches, sympy.Integer(2 + 20 + 6),
+                          host)
         elif m:
             low = attention_cost("performer", {"features": m}, B, H, Lq, Lk, d, dv)
             cost = OpCost(cost.flops + low.flops, cost.bytes + low.bytes, cost.launches,

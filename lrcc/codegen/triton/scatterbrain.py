@@ -15,6 +15,11 @@ Two stages, as linear attention's state-then-queries:
    values (and the global keys of the block's clusters) with their exact scores and low-rank
    estimates; the output. No L x L tensor exists: memory is O(L (d + m)).
 
+The sparse + centroids form (clustered_attention_triton) runs the same kernel with the centroid
+kernel as its low-rank part: stage 1 clusters the queries (cluster_queries) and builds the state
+from phi(k)_c = exp(qbar_c . k / sqrt(d) + bias - b_c); in the kernel phi(q) is the one-hot of the
+query's cluster. As lrcc.rewrites.linear_attention.clustered_attention.
+
 Global keys are chosen in torch by :func:`~lrcc.rewrites.linear_attention.select_global_keys` (a
 few k-means steps over the queries, O(L d clusters)); the kernel reads the chosen indices.
 """
@@ -27,7 +32,7 @@ from typing import Any
 import torch
 
 from ...errors import LrccError
-from ...rewrites.linear_attention import select_global_keys
+from ...rewrites.linear_attention import centroid_scores, cluster_queries, select_global_keys
 from . import kernels
 from .attention import _ITEMSIZE, check_qkv, dtype_name
 from .configs import pow2
@@ -90,41 +95,46 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _check(q, k, v, w, window, mask, global_keys, clusters) -> None:
-    check_qkv("scatterbrain_attention", q, k, v)
-    if not isinstance(w, torch.Tensor):
-        raise LrccError(f"scatterbrain_attention: w must be a torch.Tensor, got {type(w).__name__}")
+def _check(q, k, v, w, window, mask, global_keys, clusters, name: str = "scatterbrain_attention") -> None:
+    """Validate the arguments; w None for the clustered form (which then needs clusters >= 1)."""
+    check_qkv(name, q, k, v)
+    if w is None and name == "scatterbrain_attention":
+        raise LrccError(f"{name}: w must be a torch.Tensor, got NoneType")
+    if w is not None and not isinstance(w, torch.Tensor):
+        raise LrccError(f"{name}: w must be a torch.Tensor, got {type(w).__name__}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise LrccError(f"scatterbrain_attention: q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
-    if w.dim() != 2 or w.shape[1] != q.shape[-1] or w.shape[0] == 0:
-        raise LrccError(f"scatterbrain_attention: the random features w must be [m, d] with m >= 1 and "
+        raise LrccError(f"{name}: q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
+    if w is not None and (w.dim() != 2 or w.shape[1] != q.shape[-1] or w.shape[0] == 0):
+        raise LrccError(f"{name}: the random features w must be [m, d] with m >= 1 and "
                         f"d={q.shape[-1]} (q's head dim), got {tuple(w.shape)}")
-    if not w.is_floating_point():
-        raise LrccError(f"scatterbrain_attention: the random features w are {w.dtype}; they must be floating point")
+    if w is not None and not w.is_floating_point():
+        raise LrccError(f"{name}: the random features w are {w.dtype}; they must be floating point")
+    if w is None and (not _is_int(clusters) or clusters < 1):
+        raise LrccError(f"{name}: clusters must be an int >= 1, got {clusters!r}")
     if window is not None and (not _is_int(window) or window < 0):
-        raise LrccError(f"scatterbrain_attention: window must be an int >= 0 (the radius: 2 window + 1 keys) or "
+        raise LrccError(f"{name}: window must be an int >= 0 (the radius: 2 window + 1 keys) or "
                         f"None for no window, got {window!r}")
     if not _is_int(global_keys) or global_keys < 0:
-        raise LrccError(f"scatterbrain_attention: global_keys must be an int >= 0, got {global_keys!r}")
+        raise LrccError(f"{name}: global_keys must be an int >= 0, got {global_keys!r}")
     if global_keys > 0 and (not _is_int(clusters) or clusters < 1):
-        raise LrccError(f"scatterbrain_attention: clusters must be an int >= 1 with global keys, got {clusters!r}")
+        raise LrccError(f"{name}: clusters must be an int >= 1 with global keys, got {clusters!r}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
-            raise LrccError(f"scatterbrain_attention: mask must be a torch.Tensor [B, L], got {type(mask).__name__}")
+            raise LrccError(f"{name}: mask must be a torch.Tensor [B, L], got {type(mask).__name__}")
         if tuple(mask.shape) != (q.shape[0], q.shape[2]):
-            raise LrccError(f"scatterbrain_attention: key mask is {tuple(mask.shape)}, expected [B, L] = "
+            raise LrccError(f"{name}: key mask is {tuple(mask.shape)}, expected [B, L] = "
                             f"{[q.shape[0], q.shape[2]]}")
         if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise LrccError(f"scatterbrain_attention: key mask must be bool (True = attend) or floating point "
+            raise LrccError(f"{name}: key mask must be bool (True = attend) or floating point "
                             f"(added to the scores), got {mask.dtype}")
-    devices = {t.device for t in (q, k, v, w) + ((mask,) if mask is not None else ())}
+    devices = {t.device for t in (q, k, v) + ((w,) if w is not None else ()) + ((mask,) if mask is not None else ())}
     if len(devices) > 1:
-        raise LrccError(f"scatterbrain_attention: q, k, v, w{', mask' if mask is not None else ''} are on "
+        raise LrccError(f"{name}: q, k, v{', w' if w is not None else ''}{', mask' if mask is not None else ''} are on "
                         f"{', '.join(sorted(str(d) for d in devices))}; move them to one device")
     if kernels.mode(q) == "reference":
-        raise LrccError(f"scatterbrain_attention: q is on {q.device} and TRITON_INTERPRET is not set; the Triton "
+        raise LrccError(f"{name}: q is on {q.device} and TRITON_INTERPRET is not set; the Triton "
                         f"kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before Python starts, to run it in "
-                        f"Triton's interpreter). lrcc.rewrites.linear_attention.scatterbrain_attention is the "
+                        f"Triton's interpreter). lrcc.rewrites.linear_attention.{name} is the "
                         f"torch form")
 
 
@@ -204,20 +214,72 @@ def scatterbrain_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   config)
 
 
+def centroid_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, clusters: int):
+    """Stage 1 of the clustered form, in fp32: (state as key_state's, with phi(k_j)_c =
+    exp(qbar_c . k_j / sqrt(d) + bias_j - b_c) for the centroids qbar_c of the queries' clusters;
+    the centroids' scores [B, H, c, L] (log phi(k) before the shift, -inf at masked keys); each
+    query's cluster [B, H, L])."""
+    B, H, L, _ = k.shape
+    centroids, assign = cluster_queries(q, mask, clusters)
+    scores = centroid_scores(centroids, k, mask)  # [B, H, c, L]
+    lk = scores.transpose(-1, -2)
+    shift = lk.amax(2, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    fk = torch.exp(lk - shift)
+    kv = fk.transpose(-1, -2) @ v.float()
+    m = lk.shape[-1]
+    state = (shift.reshape(B * H, m).contiguous(), fk.reshape(B * H, L, m).contiguous(),
+             kv.reshape(B * H, m, -1).contiguous(), fk.sum(2).reshape(B * H, m).contiguous())
+    return state, scores, assign
+
+
+def clustered_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                               mask: torch.Tensor | None = None, global_keys: int = 0, clusters: int = 1, *,
+                               config: dict[str, Any] | None = None) -> torch.Tensor:
+    """Sparse + centroids of q, k [B, H, L, d] and v [B, H, L, dv] (one dtype: fp32, fp16 or bf16):
+    exact on the window and on `global_keys` keys per cluster of queries (`clusters` k-means
+    clusters), elsewhere the centroid kernel of the query's cluster, as
+    lrcc.rewrites.linear_attention.clustered_attention; the Scatterbrain kernel with CENTROID.
+    mask, the result and config as scatterbrain_attention_triton's (config's BLOCK_F covers the
+    clusters)."""
+    _check(q, k, v, None, window, mask, global_keys, clusters, name="clustered_attention")
+    B, H, L, d = q.shape
+    dv, m = v.shape[-1], max(1, min(int(clusters), L))
+    if clusters > MAX_FEATURES:
+        raise LrccError(f"clustered_attention: {clusters} clusters > {MAX_FEATURES}, the kernel keeps their "
+                        f"centroids' features in one tile; use fewer clusters")
+    if config is None:
+        config = scatterbrain_config((B, H, L, d, dv), m, window, global_keys, v.dtype)
+    _check_config(config, d, dv, m)
+    if B * H * L == 0:
+        return torch.empty((B, H, L, dv), dtype=v.dtype, device=v.device)
+    state, scores, assign = centroid_state(q, k, v, mask, clusters)
+    keys = None
+    if global_keys > 0:
+        keys = scores.topk(min(int(global_keys), L), dim=-1).indices  # as select_global_keys
+        keys = keys.reshape(B * H, keys.shape[2], keys.shape[3]).to(torch.int32).contiguous()
+    cluster = assign.reshape(B * H, L).to(torch.int32).contiguous()
+    return kernel_module().launch(q, k, v, None, state, key_bias(mask), None if window is None else int(window), keys,
+                                  cluster, config, centroid=True)
+
+
 def approximate_attention_triton(q, k, v, attn_mask=None, param=None, *, form: str, scale: float | None = None,
                                  window: int | None = None, global_keys: int = 0, clusters: int = 1):
-    """lrcc.rewrites.linear_attention.approximate_attention for GPU targets: the Performer and
-    Scatterbrain forms run this file's kernel (Performer is Scatterbrain with an empty support); the
-    other forms (elu+1 with a key mask, window, sparse + centroids, Linformer) run their torch code
-    on the device."""
+    """lrcc.rewrites.linear_attention.approximate_attention for GPU targets: the Performer,
+    Scatterbrain and sparse + centroids forms run this file's kernel (Performer is Scatterbrain with
+    an empty support); the other forms (elu+1 with a key mask, window, Linformer) run their torch
+    code on the device."""
     from ...rewrites import linear_attention as la
-    if form not in ("performer", "scatterbrain"):
+    if form not in ("performer", "scatterbrain", "clustered"):
         return la.approximate_attention(q, k, v, attn_mask, param, form=form, scale=scale, window=window,
                                         global_keys=global_keys, clusters=clusters)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise LrccError(f"approximate_attention: q, k, v must be [B, H, L, d], got {tuple(q.shape)}, "
                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     qs, mask = la.sdpa_form_inputs(q, k, attn_mask, scale)
+    if form == "clustered":
+        return clustered_attention_triton(qs.to(v.dtype), k.to(v.dtype), v, window, mask, global_keys,
+                                          clusters).to(q.dtype)
     if form == "performer":
         window, global_keys, clusters = None, 0, 1
     out = scatterbrain_attention_triton(qs.to(v.dtype), k.to(v.dtype), v, param, window, mask, global_keys, clusters)
