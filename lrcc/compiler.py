@@ -238,6 +238,9 @@ def compile(model: "torch.nn.Module | str | os.PathLike", example_inputs: tuple 
     if options.get("measured_latency") and (tgt.kind != "cpu" or bud.latency is None):
         raise LrccError("options measured_latency: times the model on this machine, so it needs target cpu and a "
                         f"latency budget (got target {tgt.name}, budget {bud})")
+    if "attention_forms" in options:
+        from .rewrites.attention import check_attention_forms
+        check_attention_forms(options["attention_forms"])
     say = _progress(progress)
     onnx = isinstance(model, (str, os.PathLike))
     if onnx:

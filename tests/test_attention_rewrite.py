@@ -293,6 +293,15 @@ def test_traced_host_costs_extrapolate_in_length(form, knobs, monkeypatch) -> No
     assert traced["bytes"][1] > 0  # linear in L, not constant
 
 
+def test_unknown_attention_forms_are_refused_by_name() -> None:
+    model, x = _encoder(), _batch(2, 16)
+    for forms, message in ((("clustred",), "unknown form\\(s\\) 'clustred'; known: performer, elu, window, "
+                                           "scatterbrain, clustered"),
+                           ("clustered", "a list of form names")):
+        with pytest.raises(LrccError, match=message):
+            lrcc.compile(model, x, budget=lrcc.Budget(latency=0.5), options={"attention_forms": forms})
+
+
 def test_traffic_counts_a_gather_by_the_rows_it_reads() -> None:
     from lrcc.targets.cost import _Traffic
     table, idx = torch.randn(1000, 16), torch.tensor([3, 7])

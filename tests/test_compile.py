@@ -370,3 +370,27 @@ def test_measured_latency_replans_until_the_clock_meets_the_budget(monkeypatch) 
     with pytest.raises(LrccError, match="measured_latency: times the model on this machine"):
         lrcc.compile(model, (torch.randn(2, 512),), target="a100", budget=Budget(latency=0.8), calibration=batches,
                      options={"measured_latency": True})
+
+
+def test_a_sequential_refit_that_worsens_the_held_out_error_is_dropped(monkeypatch, toy) -> None:
+    """The sequential refit is fitted on the calibration batches; it is kept only if it also lowers
+    the output error on the held-out ones. A refit spoiled on purpose (factors scaled by 3) is
+    dropped: the model is then the plain factors', as with options sequential=False."""
+    import sys
+    plan = sys.modules["lrcc.planner.plan"]  # (the package's name plan is the function)
+    model, example, batches, _ = toy
+    normal = lrcc.compile(model, example, budget=Budget(params=0.5), calibration=batches)
+    said = [n for n in normal.report.notes if n.startswith("sequential refit")]
+    assert len(said) == 1 and "held-out output error" in said[0], normal.report.notes
+    real = plan.sequential_refit
+
+    def spoiled(*args, **kwargs):
+        return {site: {role: 3 * t for role, t in parts.items()} for site, parts in real(*args, **kwargs).items()}
+    monkeypatch.setattr(plan, "sequential_refit", spoiled)
+    cm = lrcc.compile(model, example, budget=Budget(params=0.5), calibration=batches)
+    assert any(n.startswith("sequential refit dropped") for n in cm.report.notes), cm.report.notes
+    assert not any("sequential refit" in r["choice"] for r in cm.report.rows)
+    plain = lrcc.compile(model, example, budget=Budget(params=0.5), calibration=batches,
+                         options={"sequential": False})
+    assert [r["choice"] for r in cm.report.rows] == [r["choice"] for r in plain.report.rows]
+    assert cm.report.totals["measured_error"] == pytest.approx(plain.report.totals["measured_error"], rel=1e-6)

@@ -205,8 +205,10 @@ def plan(g: Graph, match: Match, target: Target, budget: Budget, fit_batches: li
         else:
             choice = solve(table, caps, fixed, objective="params", error_cap=error_cap)
         timings["allocation"] = timings.get("allocation", 0.0) + time.perf_counter() - t3
-        new, decisions, predicted = _apply(g, sites, table, choice, families, node_of, original, sens, fit_batches,
-                                           options, timings, progress)
+        new, decisions, predicted, refit_note = _apply(g, sites, table, choice, families, node_of, original, sens,
+                                                       fit_batches, options, timings, progress, check)
+        if refit_note:
+            notes.append(refit_note)
         if latency_ratio is not None and "latency" in caps:
             ratio = latency_ratio(new)
             estimate = sum(o.costs["latency"] for o in (table[s][choice[s]] for s in table)) + fixed_latency
@@ -256,8 +258,12 @@ def _stage(progress, name: str, total: int, unit: str) -> None:
         stage(name, total, unit)
 
 
-def _apply(g, sites, table, choice, families, node_of, original, sens, fit_batches, options, timings, progress):
-    """Rewrite the chosen candidates into a copy of g and refit them sequentially."""
+def _apply(g, sites, table, choice, families, node_of, original, sens, fit_batches, options, timings, progress,
+           check=None):
+    """Rewrite the chosen candidates into a copy of g and refit them sequentially: (graph, decisions,
+    predicted error, a note or None). With check (graph -> held-out output error) the refit is kept
+    only if it lowers the held-out error: fitted on few calibration sequences it can reproduce their
+    outputs closely and generalise worse than the plain factors."""
     new = g.copy()
     decisions: list[Decision] = []
     fits: dict[str, Any] = {}
@@ -312,19 +318,30 @@ def _apply(g, sites, table, choice, families, node_of, original, sens, fit_batch
                                   opt.costs["bytes"], keep.costs["latency"], opt.costs["latency"], opt.error, c, reason))
     new.remove_unused_params()
     verify(new)
+    note = None
     if fits:
         t4 = time.perf_counter()
         compressed = lower_to_torch(new)
         _stage(progress, "sequential refit", len(fits), "site")
         refit = sequential_refit(original, compressed, fit_batches, fits, progress=progress)
+        plain = new.copy()  # (the tensors dict is copied: the plain factors stay in it)
         for site, parts in refit.items():
             for role, t in parts.items():
                 new.tensors[refs[site][role]] = t
-        for d in decisions:
-            if d.site in refit:
-                d.choice += " + sequential refit"
+        kept = True
+        if check is not None:
+            with_refit, without = check(new), check(plain)
+            kept = with_refit <= without
+            note = (f"sequential refit {'kept' if kept else 'dropped'}: held-out output error {with_refit:.3g} with it, "
+                    f"{without:.3g} without" + ("" if kept else " (it fitted the calibration batches, not the rest)"))
+            if not kept:
+                new = plain
+        if kept:
+            for d in decisions:
+                if d.site in refit:
+                    d.choice += " + sequential refit"
         timings["sequential refit"] = timings.get("sequential refit", 0.0) + time.perf_counter() - t4
-    return new, decisions, predicted
+    return new, decisions, predicted, note
 
 
 def _refit_fn(c: Candidate, fam, metric, ridge: float, site: str):

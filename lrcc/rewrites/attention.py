@@ -31,6 +31,7 @@ from typing import Any, Callable
 import sympy
 import torch
 
+from ..errors import LrccError
 from ..ir.attention import SDPA, sdpa_arguments
 from ..ir.graph import Graph, Node, Ref
 from ..targets.cost import APPROXIMATE_ATTENTION, attention_site_cost
@@ -120,12 +121,27 @@ def _candidate(g: Graph, n: Node, rule: str, choice: str, knobs: dict, param_fn,
                      needs_calibration=needs_calibration, error_index=0, refit="none", cost=cost)
 
 
+# the forms approximate_attention offers (options["attention_forms"] picks among them)
+ATTENTION_FORMS = ("performer", "elu", "window", "scatterbrain", "clustered")
+
+
+def check_attention_forms(forms: Any) -> None:
+    """Refuse an options["attention_forms"] that is not a collection of ATTENTION_FORMS names."""
+    if isinstance(forms, str) or not isinstance(forms, (list, tuple, set, frozenset)):
+        raise LrccError(f"options attention_forms: a list of form names ({', '.join(ATTENTION_FORMS)}), got {forms!r}")
+    bad = [f for f in forms if f not in ATTENTION_FORMS]
+    if bad:
+        raise LrccError(f"options attention_forms: unknown form(s) {', '.join(map(repr, bad))}; known: "
+                        f"{', '.join(ATTENTION_FORMS)} (Linformer is the linformer_attention rule: "
+                        "options fixed_length and linformer_segments)")
+
+
 def _offer(g: Graph, n: Node, options: dict[str, Any]) -> list[Candidate]:
     info = attention_info(n)
     site = info["site"]
     d = int(info["head_dim"])
     seed = int(options.get("seed", 0))
-    forms = options.get("attention_forms", ("performer", "elu", "window", "scatterbrain", "clustered"))
+    forms = options.get("attention_forms", ATTENTION_FORMS)
     out: list[Candidate] = []
     if "performer" in forms:
         for m in options.get("attention_features", (16, 32, 64, 128)):

@@ -162,7 +162,7 @@ def cluster_queries(q, mask=None, clusters: int = 1, iterations: int = 2):
     Lloyd steps of k-means (assign each query to the nearest centroid, move each centroid to the
     mean of its queries at unpadded positions) started from evenly spaced queries."""
     if clusters < 1 or iterations < 1:
-        raise LrccError(f"select_global_keys: need clusters >= 1 and iterations >= 1, got {clusters}, {iterations}")
+        raise LrccError(f"cluster_queries: need clusters >= 1 and iterations >= 1, got {clusters}, {iterations}")
     L = q.shape[2]
     valid = _valid_keys(mask, q)  # [B, 1, L] (queries and keys share the positions)
     qf, weights = q.float(), valid[..., None].float()
