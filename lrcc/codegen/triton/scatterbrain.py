@@ -168,19 +168,23 @@ def key_state(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, bias: torch.Ten
     phi(k_j) = exp(w . k_j' - |k_j'|^2 / 2 + bias_j - b) (k' = k / d^(1/4)), b each feature's largest
     value over the unmasked keys (0 where every key is masked), so the largest phi(k) is 1; masked
     keys get phi = 0."""
-    B, H, L, d = k.shape
+    d = k.shape[-1]
     ks = k.float() * d ** -0.25
     lk = ks @ w.t() - 0.5 * (ks * ks).sum(-1, keepdim=True)  # [B, H, L, m]
     if bias is not None:
         lk = lk + bias[:, None, :, None]
+    return _state(lk, v)
+
+
+def _state(lk: torch.Tensor, v: torch.Tensor):
+    """key_state's tuple from the keys' log-features lk [B, H, L, m] (-inf at masked keys)."""
+    B, H, L, m = lk.shape
     shift = lk.amax(2, keepdim=True)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     fk = torch.exp(lk - shift)
     kv = fk.transpose(-1, -2) @ v.float()
-    z = fk.sum(2)
-    m = w.shape[0]
     return (shift.reshape(B * H, m).contiguous(), fk.reshape(B * H, L, m).contiguous(),
-            kv.reshape(B * H, m, -1).contiguous(), z.reshape(B * H, m).contiguous())
+            kv.reshape(B * H, m, -1).contiguous(), fk.sum(2).reshape(B * H, m).contiguous())
 
 
 def scatterbrain_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
@@ -219,17 +223,9 @@ def centroid_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     exp(qbar_c . k_j / sqrt(d) + bias_j - b_c) for the centroids qbar_c of the queries' clusters;
     the centroids' scores [B, H, c, L] (log phi(k) before the shift, -inf at masked keys); each
     query's cluster [B, H, L])."""
-    B, H, L, _ = k.shape
     centroids, assign = cluster_queries(q, mask, clusters)
     scores = centroid_scores(centroids, k, mask)  # [B, H, c, L]
-    lk = scores.transpose(-1, -2)
-    shift = lk.amax(2, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    fk = torch.exp(lk - shift)
-    kv = fk.transpose(-1, -2) @ v.float()
-    m = lk.shape[-1]
-    state = (shift.reshape(B * H, m).contiguous(), fk.reshape(B * H, L, m).contiguous(),
-             kv.reshape(B * H, m, -1).contiguous(), fk.sum(2).reshape(B * H, m).contiguous())
+    state = _state(scores.transpose(-1, -2), v)
     return state, scores, assign
 
 
