@@ -206,13 +206,23 @@ def quant_row(table, shape, M, x, wq, spec, dense) -> float:
     from lrcc.codegen.triton import kernels
     K, N = wq["k"], wq["n"]
     ref = F.linear(x, kernels.reference_weight(wq).half())
-    err = rel(kernels.quant_linear(x, wq), ref)
+    err = rel(kernels.quant_linear(x, wq), ref)  # the first call autotunes
+    chosen = tuned("quant_matmul", False, wq["bits"], wq["group"], kernels._bucket(M), N, K, 0, x.dtype)
     nbytes = packed_bytes(wq)
     t = rotated(maker(wq, lambda p: kernels.quant_linear(x, p)), nbytes, M)
     t_unf = rotated(maker(wq, lambda p: F.linear(x, kernels.reference_weight(p).half())), nbytes, M)
     label = f"int{spec[0]} " + ("per channel" if spec[1] == 0 else f"g{spec[1]}")
-    table.add(shape, M, label, t, dense, t_unf, 2 * M * K * N, nbytes + 2 * M * (K + N), err)
+    table.add(shape, M, label, t, dense, t_unf, 2 * M * K * N, nbytes + 2 * M * (K + N), err, chosen)
     return t
+
+
+def tuned(*key) -> str:
+    """Which kernel autotuning kept for a key of lrcc.codegen.triton.kernels.tune ("" if none)."""
+    from lrcc.codegen.triton import kernels
+    cfg = kernels._TUNED.get(key, {})
+    if not cfg:
+        return ""
+    return f"{cfg['strategy']} BLOCK_N={cfg['BLOCK_N']} split={cfg.get('SPLIT_K', 1)} warps={cfg['num_warps']}"
 
 
 def quant_lowrank_row(table, shape, M, x, wq, vu, dense, t_quant) -> None:
@@ -221,12 +231,13 @@ def quant_lowrank_row(table, shape, M, x, wq, vu, dense, t_quant) -> None:
     K, N, r = wq["k"], wq["n"], v.shape[0]
     ref = F.linear(x, kernels.reference_weight(wq).half()) + F.linear(F.linear(x, v), u)
     err = rel(kernels.quant_linear(x, wq, v, u), ref)
+    chosen = tuned("quant_matmul", True, wq["bits"], wq["group"], kernels._bucket(M), N, K, r, x.dtype)
     nbytes = packed_bytes(wq) + 2 * r * (K + N)
     t = rotated(maker((wq, v, u), lambda p: kernels.quant_linear(x, *p)), nbytes, M)
     t_unf = rotated(maker((wq, v, u), lambda p: kernels.quant_linear(x, p[0]) + F.linear(F.linear(x, p[1]), p[2])),
                     nbytes, M)
     table.add(shape, M, f"int4 g128 + r{r} fused", t, dense, t_unf, 2 * M * (K * N + r * (K + N)),
-              nbytes + 2 * M * (K + N), err, f"{t / t_quant:.2f}x the int4 kernel alone")
+              nbytes + 2 * M * (K + N), err, f"{t / t_quant:.2f}x the int4 kernel alone; {chosen}")
 
 
 def sparse_row(table, shape, M, x, b, dense, density: float = 0.05, rank: int = 64) -> None:

@@ -41,7 +41,8 @@ def _lowrank_case(M, K, N, R, dtype, bias=True, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("M,K,N,R,bias", [(37, 70, 53, 12, True), (5, 48, 33, 20, False), (130, 40, 24, 7, True)])
+@pytest.mark.parametrize("M,K,N,R,bias", [(37, 70, 53, 12, True), (5, 48, 33, 20, False), (130, 40, 24, 7, True),
+                                           (19, 128, 40, 16, True)])  # the last: K a multiple of BLOCK_K (EVEN_K)
 def test_fused_lowrank_matches_reference(M, K, N, R, bias, dtype) -> None:
     x, v, u, b = _lowrank_case(M, K, N, R, dtype, bias)
     mod = kernels.kernel("lowrank_linear")
@@ -102,7 +103,8 @@ def test_quant_matmul_matches_reference(spec, dtype) -> None:
     for M in (3, 37):
         x = torch.randn(M, n, generator=torch.Generator().manual_seed(M)).to(dev, dtype)
         ref = F.linear(x.float(), w_ref.to(dev).to(dtype).float(), bias.to(dev).to(dtype).float())
-        cands = configs.quant_configs(M, m, n, packed["block_k"], sms=8)[:1]
+        cands = [c for c in configs.quant_configs(M, m, n, packed["block_k"], sms=8, bits=spec[0])
+                 if c["strategy"] == "mma"][:1]
         cands.append({**cands[0], "SPLIT_K": 2})  # split K: programs add into an fp32 output
         for cfg in cands:
             y = mod.launch(x, w, cfg)
@@ -128,21 +130,82 @@ def test_fused_quant_lowrank_matches_reference(spec, dtype) -> None:
         assert rel(y.cpu(), ref) < TOL[dtype], M
 
 
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quant_gemv_matches_reference(spec, dtype) -> None:
+    """The decode kernel (CUDA-core GEMV, one row per program), whole K and split K: splits add into
+    the output atomically (fp16 / fp32 directly, bf16 through an fp32 buffer)."""
+    m, n = 40, 300  # 300 input features: several K blocks to split, and a masked tail
+    packed, w_ref, bias = _quant_case(m, n, spec, awq=spec == (4, 64))
+    dev = device()
+    w = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+    w["bias"] = w["bias"].to(dtype)
+    mod = kernels.kernel("quant_gemv", lowrank=False)
+    tol = 2e-2 if dtype == torch.bfloat16 else TOL[dtype]
+    for M in (1, 3):
+        x = torch.randn(M, n, generator=torch.Generator().manual_seed(M)).to(dev, dtype)
+        ref = F.linear(x.float(), w_ref.to(dev).to(dtype).float(), bias.to(dev).to(dtype).float())
+        first = configs.gemv_configs(M, m, n, packed["block_k"], spec[0], sms=8)[0]
+        for split in (1, 3):
+            y = mod.launch(x, w, {**first, "SPLIT_K": split})
+            assert y.dtype == dtype and y.shape == (M, m)
+            assert rel(y, ref) < tol, (M, split)
+
+
+@pytest.mark.parametrize("spec", [(4, 32), (8, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_quant_lowrank_gemv_matches_reference(spec, dtype) -> None:
+    m, n, r = 33, 260, 12
+    packed, w_ref, bias = _quant_case(m, n, spec)
+    gen = torch.Generator().manual_seed(2)
+    v = (torch.randn(r, n, generator=gen) / 10).to(dtype)
+    u = (torch.randn(m, r, generator=gen) / 3).to(dtype)
+    dev = device()
+    w = {k: (t.to(dev) if isinstance(t, torch.Tensor) else t) for k, t in packed.items()}
+    w["bias"] = w["bias"].to(dtype)
+    mod = kernels.kernel("quant_gemv", lowrank=True)
+    for M in (1, 2):
+        x = torch.randn(M, n, generator=gen).to(dtype)
+        t = F.linear(x.float(), v.float()).to(dtype).float()
+        ref = F.linear(x.float(), w_ref.to(dtype).float(), bias.to(dtype).float()) + F.linear(t, u.float())
+        first = configs.gemv_configs(M, m, n, packed["block_k"], spec[0], sms=8, rank=r)[0]
+        assert first["BLOCK_R"] >= r
+        for split in (1, 2):
+            y = mod.launch(x.to(dev), w, v.to(dev), u.to(dev), {**first, "SPLIT_K": split})
+            assert rel(y.cpu(), ref) < TOL[dtype], (M, split)
+
+
+def test_quant_layers_take_the_gemv_kernel_for_a_few_rows_and_tensor_cores_above() -> None:
+    for M in range(1, configs.GEMV_MAX_M + 1):
+        assert configs.quant_configs(M, 4096, 4096, 128, sms=132, bits=4)[0]["strategy"] == "gemv"
+    cands = configs.quant_configs(configs.GEMV_MAX_M + 1, 4096, 4096, 128, sms=132, bits=4)
+    assert {c["strategy"] for c in cands} == {"mma"}
+    # both kernels are offered at M <= GEMV_MAX_M, so autotuning on a GPU can keep either
+    assert {c["strategy"] for c in configs.quant_configs(1, 4096, 4096, 128, sms=132, bits=4)} == {"gemv", "mma"}
+
+
 def test_matmul_kernel_matches_reference() -> None:
     x, v, u, b = _lowrank_case(45, 70, 33, 12, torch.float32)
     mod = kernels.kernel("matmul")
     w = torch.randn(33, 70, generator=torch.Generator().manual_seed(3)).to(x.device)
     for cfg in configs.matmul_configs(45, 33, 70, sms=4)[:2]:
         assert rel(mod.launch(x, w, b, cfg), F.linear(x, w, b)) < TOL[torch.float32]
+    # K a multiple of BLOCK_K: the loads drop their K mask (EVEN_K)
+    x2, w2 = x[:, :64].contiguous(), w[:, :64].contiguous()
+    cfg = configs.matmul_configs(45, 33, 64, sms=4)[0]
+    assert 64 % cfg["BLOCK_K"] == 0
+    assert rel(mod.launch(x2, w2, b, cfg), F.linear(x2, w2, b)) < TOL[torch.float32]
 
 
 # --- bad input ----------------------------------------------------------------------------------
 def test_decode_shapes_split_k_to_fill_the_gpu() -> None:
-    """M <= 16 streams the weights: K is split until there are two programs per SM."""
-    cfg = configs.quant_configs(1, 4096, 4096, 128, sms=132)[0]
-    programs = (4096 // cfg["BLOCK_N"]) * cfg["SPLIT_K"]
-    assert cfg["BLOCK_M"] == 16 and cfg["SPLIT_K"] > 1 and programs >= 2 * 132
-    assert configs.quant_configs(2048, 4096, 4096, 128, sms=132)[0]["SPLIT_K"] == 1
+    """Small M streams the weights: K is split until there are enough programs for every SM."""
+    gemv = configs.quant_configs(1, 4096, 4096, 128, sms=132, bits=4)[0]
+    assert gemv["strategy"] == "gemv" and gemv["SPLIT_K"] > 1
+    assert (4096 // gemv["BLOCK_N"]) * gemv["SPLIT_K"] >= 2 * 132
+    mma = configs.quant_configs(16, 4096, 4096, 128, sms=132, bits=4)[0]
+    assert mma["BLOCK_M"] == 16 and mma["SPLIT_K"] > 1 and (4096 // mma["BLOCK_N"]) * mma["SPLIT_K"] >= 2 * 132
+    assert configs.quant_configs(2048, 4096, 4096, 128, sms=132, bits=4)[0]["SPLIT_K"] == 1
 
 
 def test_unsupported_widths_and_groups_are_rejected_with_the_layer_named() -> None:
@@ -192,19 +255,32 @@ def _jobs() -> list[tuple[str, AotJob]]:
             mm = configs.matmul_configs(M, N, K, sms=132)[0]
             jobs.append((f"matmul {phase}", AotJob("matmul", mm, arch)))
             for lowrank in (False, True):
-                q = configs.quant_configs(M, N, K, 128, sms=132, rank=32 if lowrank else 0)[0]
+                cands = configs.quant_configs(M, N, K, 128, sms=132, rank=32 if lowrank else 0, bits=4)
+                q = [c for c in cands if c["strategy"] == "mma"][0]
                 jobs.append((f"quant_matmul lowrank={lowrank} {phase}",
                              AotJob("quant_matmul", {**q, "BITS": 4, "BLOCK_K": 128}, arch, flags={"lowrank": lowrank})))
+        for lowrank in (False, True):
+            for bits, block_k in ((4, 128), (8, 64)):
+                g = configs.quant_configs(1, 4096, 4096, block_k, sms=132, rank=32 if lowrank else 0, bits=bits)[0]
+                jobs.append((f"quant_gemv int{bits} lowrank={lowrank} decode",
+                             AotJob("quant_gemv", {**g, "BITS": bits, "BLOCK_K": block_k}, arch, flags={"lowrank": lowrank})))
     return jobs
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
+    """Every kernel but the GEMV one must use the tensor cores; the GEMV one must not."""
     jobs = _jobs()
     results = compile_many([j for _, j in jobs])
     for (what, job), res in zip(jobs, results):
         ptx = res["ptx"]
         assert f".target sm_{job.arch[3:]}" in ptx, what
-        if job.arch == "sm_80":
+        if job.template == "quant_gemv":
+            # decode: bound by reading the weights, on the CUDA cores with 16-byte loads of the codes,
+            # split-K partials added in device memory
+            assert "mma" not in ptx, f"{what}: the GEMV kernel should not use tensor-core tiles"
+            assert "ld.global.v4.b32" in ptx, f"{what}: no 16-byte loads"
+            assert job.config["SPLIT_K"] > 1 and ("red.global" in ptx or "atom.global" in ptx), what
+        elif job.arch == "sm_80":
             assert "mma.sync.aligned" in ptx, f"{what}: no mma.sync on sm_80"
         elif job.config["BLOCK_M"] >= 64:
             # Hopper's warpgroup MMA needs a 64-row tile; the 16-row decode tiles use mma.sync

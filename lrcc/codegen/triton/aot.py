@@ -63,7 +63,11 @@ def _compile_one(job: dict[str, Any]) -> dict[str, Any]:
     config = job["config"]
     signature, constexprs = module.aot_args(config, job["dtype"])
     # pointers 16-byte aligned, as torch allocates them (what the JIT specialises on at launch)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(signature.values()) if ty.startswith("*")}
+    # and, for the integer arguments a template names in AOT_DIVISIBLE, multiples of 16, as the JIT
+    # specialises sizes and strides like 4096 (what lets it vectorise loads along them)
+    divisible = set(getattr(module, "AOT_DIVISIBLE", ()))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
+             if ty.startswith("*") or (name in divisible and ty == "i32")}
     target = GPUTarget("cuda", parse_arch(job["arch"]), 32)
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({"num_warps": config["num_warps"], "num_stages": config["num_stages"]})

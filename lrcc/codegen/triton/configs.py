@@ -10,6 +10,9 @@ once per shape bucket and the fastest kept (lrcc.codegen.triton.kernels.tune). T
 - M <= 16 (decoding) is bound by reading the weights once: a 16-row tile (the smallest tensor-core
   tile), narrow column blocks and a split K loop give enough programs (>= 2 per SM) to keep
   enough loads in flight.
+- M <= GEMV_MAX_M (decoding a few sequences) quantised: the GEMV kernel (quant_gemv.py.j2) on the
+  CUDA cores is offered first, ahead of the 16-row tensor-core tile, which would be at least 3/4
+  padding there; autotuning keeps whichever is faster.
 """
 from __future__ import annotations
 
@@ -19,6 +22,15 @@ MIN_TILE = 16
 SMALL_M = 16        # at or below: weight-streaming (GEMV-shaped) configs
 FUSED_MAX_RANK = 128  # widest rank-r intermediate a program keeps in registers (BLOCK_M x BLOCK_R fp32)
 PROGRAMS_PER_SM = 2
+GEMV_MAX_M = 4      # at or below: the quantised GEMV kernel is offered (one row per program)
+# fp32 accumulator registers per thread the GEMV kernel may hold ([SUB, BLOCK_N] over
+# 32 * num_warps threads): a quarter of the 255-register limit, leaving room for the codes, the
+# dequantised slab and the addresses without spilling.
+GEMV_ACC_REGS = 64
+# Decode steps are short (a few microseconds); 4 programs per SM give each SM several slabs of
+# weight bytes in flight at once, which is what bandwidth needs when the loop itself is not
+# software-pipelined (no tensor-core dot to pipeline towards).
+GEMV_PROGRAMS_PER_SM = 4
 
 
 def pow2(n: int, lo: int = MIN_TILE, hi: int | None = None) -> int:
@@ -83,11 +95,38 @@ def lowrank_configs(M: int, N: int, K: int, R: int, sms: int) -> list[dict]:
     return out
 
 
-def quant_configs(M: int, N: int, K: int, block_k: int, sms: int, rank: int = 0) -> list[dict]:
-    """Configs for quant_matmul.py.j2 (BLOCK_K is fixed by the packed layout)."""
+def gemv_configs(M: int, N: int, K: int, block_k: int, bits: int, sms: int, rank: int = 0) -> list[dict]:
+    """Configs for quant_gemv.py.j2 (M <= GEMV_MAX_M, one row per program; BLOCK_K is fixed by the
+    packed layout, SUB = BLOCK_K * bits / 8 rows per dequantised sub-tile)."""
+    if M > GEMV_MAX_M:
+        return []
+    sub = block_k * bits // 8
+    br = pow2(rank) if rank else 0
+    k_blocks = math.ceil(K / block_k)
+    out = []
+    for warps in (4, 8):
+        threads = 32 * warps
+        # the widest column block whose accumulators (and the rank-r partial t) fit the budget
+        bn = GEMV_ACC_REGS * threads // sub - br
+        bn = max(MIN_TILE, min(1 << max(bn, 1).bit_length() - 1, pow2(N, hi=512)))
+        for width in (bn, max(MIN_TILE, bn // 2)):
+            programs = math.ceil(N / width) * M
+            want = math.ceil(GEMV_PROGRAMS_PER_SM * sms / programs)
+            split = max(1, min(want, k_blocks // 2))
+            for s in dict.fromkeys((split, max(1, split // 2))):
+                cfg = {"strategy": "gemv", "BLOCK_M": 1, "BLOCK_N": width, "SPLIT_K": s, "num_warps": warps,
+                       "num_stages": 2, **({"BLOCK_R": br} if rank else {})}
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def quant_configs(M: int, N: int, K: int, block_k: int, sms: int, rank: int = 0, *, bits: int) -> list[dict]:
+    """Configs for the quantised layer (BLOCK_K is fixed by the packed layout): GEMV configs first
+    where M <= GEMV_MAX_M, then the tensor-core kernel's (quant_matmul.py.j2); "strategy" says which."""
     k_blocks = math.ceil(K / block_k)
     extra = {"BLOCK_R": pow2(rank)} if rank else {}
-    out = []
+    out = gemv_configs(M, N, K, block_k, bits, sms, rank)
     if M <= SMALL_M:
         shapes = ((16, 64, 4, 4), (16, 128, 4, 4), (16, 32, 4, 4))
     elif M <= 128:
@@ -99,8 +138,8 @@ def quant_configs(M: int, N: int, K: int, block_k: int, sms: int, rank: int = 0)
         programs = math.ceil(M / bm) * math.ceil(N / bn)
         splits = (_split_k(programs, k_blocks, sms), 1) if M <= SMALL_M else (1,)
         for split in splits:
-            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split, "GROUP_M": 8, "num_warps": warps,
-                   "num_stages": stages, **extra}
+            cfg = {"strategy": "mma", "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split, "GROUP_M": 8,
+                   "num_warps": warps, "num_stages": stages, **extra}
             if cfg not in out:
                 out.append(cfg)
     return out

@@ -23,11 +23,14 @@ def launches(call: dict[str, Any], M: int, sms: int) -> list[tuple[str, dict, di
     if call["template"] == "lowrank_linear":
         cfg = configs.lowrank_configs(M, s["N"], s["K"], s["R"], sms)[0]
         if cfg["strategy"] == "fused":
-            return [("lowrank_linear", {}, {k: v for k, v in cfg.items() if k != "strategy"})]
-        return [("matmul", {}, cfg["first"]), ("matmul", {}, cfg["second"])]
+            return [("lowrank_linear", {}, {**{k: v for k, v in cfg.items() if k != "strategy"},
+                                           "EVEN_K": s["K"] % cfg["BLOCK_K"] == 0})]
+        return [("matmul", {}, {**cfg["first"], "EVEN_K": s["K"] % cfg["first"]["BLOCK_K"] == 0}),
+                ("matmul", {}, {**cfg["second"], "EVEN_K": s["R"] % cfg["second"]["BLOCK_K"] == 0})]
     if call["template"] == "quant_matmul":
-        cfg = configs.quant_configs(M, s["N"], s["K"], s["BLOCK_K"], sms, s["R"])[0]
-        return [("quant_matmul", call["flags"], {**cfg, "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]})]
+        cfg = configs.quant_configs(M, s["N"], s["K"], s["BLOCK_K"], sms, s["R"], bits=s["BITS"])[0]
+        template = "quant_gemv" if cfg["strategy"] == "gemv" else "quant_matmul"
+        return [(template, call["flags"], {**cfg, "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]})]
     if call["template"] == "sparse_lowrank_linear":
         return [("sparse_lowrank_linear", call["flags"], call["config"](M, sms))]
     raise LrccError(f"no kernel launch plan for template {call['template']!r}")

@@ -120,7 +120,8 @@ def lowrank_linear(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torc
 
 def quant_linear(x: torch.Tensor, w: dict[str, Any], v: torch.Tensor | None = None, u: torch.Tensor | None = None,
                  where: str = "quantised layer") -> torch.Tensor:
-    """y = x W_q^T (+ (x v^T) u^T) + bias with the quantised kernel; w from layout.pack_for_kernel."""
+    """y = x W_q^T (+ (x v^T) u^T) + bias with the quantised kernels (the GEMV one or the tensor-core
+    one, whichever the config says: autotuned on a GPU); w from layout.pack_for_kernel."""
     K, N = w["k"], w["n"]
     x2 = _rows(x, K, where)
     how = mode(x2)
@@ -134,9 +135,12 @@ def quant_linear(x: torch.Tensor, w: dict[str, Any], v: torch.Tensor | None = No
         return y.reshape(*x.shape[:-1], N)
     M = x2.shape[0]
     rank = v.shape[0] if lowrank else 0
-    cands = lambda: configs.quant_configs(M, N, K, w["block_k"], sm_count(x2.device), rank)
-    mod = kernel("quant_matmul", lowrank=lowrank)
-    run = (lambda cfg: mod.launch(x2, w, v, u, cfg)) if lowrank else (lambda cfg: mod.launch(x2, w, cfg))
+    cands = lambda: configs.quant_configs(M, N, K, w["block_k"], sm_count(x2.device), rank, bits=w["bits"])
+
+    def run(cfg: dict) -> torch.Tensor:
+        mod = kernel("quant_gemv" if cfg["strategy"] == "gemv" else "quant_matmul", lowrank=lowrank)
+        return mod.launch(x2, w, v, u, cfg) if lowrank else mod.launch(x2, w, cfg)
+
     cfg = tune(("quant_matmul", lowrank, w["bits"], w["group"], _bucket(M), N, K, rank, x2.dtype), cands, run,
                x2.device)
     return run(cfg).reshape(*x.shape[:-1], N)
