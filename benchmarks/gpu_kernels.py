@@ -222,6 +222,9 @@ def tuned(*key) -> str:
     cfg = kernels._TUNED.get(key, {})
     if not cfg:
         return ""
+    if cfg["strategy"] == "dequant_matmul":
+        mm = cfg["matmul"]
+        return f"dequantise + matmul {mm['BLOCK_M']}x{mm['BLOCK_N']}x{mm['BLOCK_K']} warps={mm['num_warps']}"
     return f"{cfg['strategy']} BLOCK_N={cfg['BLOCK_N']} split={cfg.get('SPLIT_K', 1)} warps={cfg['num_warps']}"
 
 

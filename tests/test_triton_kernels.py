@@ -175,6 +175,47 @@ def test_fused_quant_lowrank_gemv_matches_reference(spec, dtype) -> None:
             assert rel(y.cpu(), ref) < TOL[dtype], (M, split)
 
 
+@pytest.mark.parametrize("spec", [(8, 0), (4, 32), (4, 128), (2, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_then_matmul_matches_reference(spec, dtype) -> None:
+    """Many rows: the weight is dequantised once (W^T, K x N, in x's dtype) and multiplied by the
+    tiled matmul reading it through a transposed view; AWQ input scales fold into W^T."""
+    m, n = 40, 150
+    packed, w_ref, bias = _quant_case(m, n, spec, awq=spec == (4, 32))
+    dev = device()
+    w = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+    w["bias"] = w["bias"].to(dtype)
+    M = configs.DEQUANT_MIN_M + 3
+    cfg = configs.quant_configs(M, m, n, packed["block_k"], sms=8, bits=spec[0])[0]
+    assert cfg["strategy"] == "dequant_matmul"
+    wt = kernels.kernel("dequantize").launch(w, dtype, cfg["dequant"])
+    assert wt.shape == (n, m) and wt.dtype == dtype
+    assert torch.allclose(wt.float(), w_ref.t().to(dtype).float(), rtol=0, atol=0 if dtype == torch.float32 else 1e-3)
+    x = torch.randn(M, n, generator=torch.Generator().manual_seed(5)).to(dev, dtype)
+    ref = F.linear(x.float(), w_ref.to(dev).to(dtype).float(), bias.to(dev).to(dtype).float())
+    y = kernels.quant_linear(x, w)  # the first config: dequantise, then matmul
+    assert y.dtype == dtype and rel(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_then_matmul_with_a_low_rank_branch(dtype) -> None:
+    """Many rows with a low-rank branch: W dequantised once, t = x V^T, then one matmul adds t U^T."""
+    m, n, r = 33, 100, 12
+    packed, w_ref, bias = _quant_case(m, n, (4, 32))
+    gen = torch.Generator().manual_seed(4)
+    v = (torch.randn(r, n, generator=gen) / 10).to(dtype)
+    u = (torch.randn(m, r, generator=gen) / 3).to(dtype)
+    w = {k: (t.to(device()) if isinstance(t, torch.Tensor) else t) for k, t in packed.items()}
+    w["bias"] = w["bias"].to(dtype)
+    M = configs.DEQUANT_MIN_M
+    assert configs.quant_configs(M, m, n, packed["block_k"], sms=8, rank=r, bits=4)[0]["strategy"] == "dequant_matmul"
+    x = torch.randn(M, n, generator=gen).to(dtype)
+    t = F.linear(x.float(), v.float()).to(dtype).float()
+    ref = F.linear(x.float(), w_ref.to(dtype).float(), bias.to(dtype).float()) + F.linear(t, u.float())
+    y = kernels.quant_linear(x.to(device()), w, v.to(device()), u.to(device()))
+    assert rel(y.cpu(), ref) < TOL[dtype]
+
+
 def test_quant_layers_take_the_gemv_kernel_for_a_few_rows_and_tensor_cores_above() -> None:
     for M in range(1, configs.GEMV_MAX_M + 1):
         assert configs.quant_configs(M, 4096, 4096, 128, sms=132, bits=4)[0]["strategy"] == "gemv"
@@ -182,6 +223,11 @@ def test_quant_layers_take_the_gemv_kernel_for_a_few_rows_and_tensor_cores_above
     assert {c["strategy"] for c in cands} == {"mma"}
     # both kernels are offered at M <= GEMV_MAX_M, so autotuning on a GPU can keep either
     assert {c["strategy"] for c in configs.quant_configs(1, 4096, 4096, 128, sms=132, bits=4)} == {"gemv", "mma"}
+    # many rows: dequantise-then-matmul first, the fused kernel still offered; not with a low-rank branch
+    big = configs.quant_configs(configs.DEQUANT_MIN_M, 4096, 4096, 128, sms=132, bits=4)
+    assert big[0]["strategy"] == "dequant_matmul" and {c["strategy"] for c in big} == {"dequant_matmul", "mma"}
+    fused = configs.quant_configs(configs.DEQUANT_MIN_M, 4096, 4096, 128, sms=132, rank=32, bits=4)
+    assert fused[0]["strategy"] == "dequant_matmul" and fused[0]["first"]["BLOCK_N"] >= 32
 
 
 def test_matmul_kernel_matches_reference() -> None:
@@ -205,7 +251,8 @@ def test_decode_shapes_split_k_to_fill_the_gpu() -> None:
     assert (4096 // gemv["BLOCK_N"]) * gemv["SPLIT_K"] >= 2 * 132
     mma = configs.quant_configs(16, 4096, 4096, 128, sms=132, bits=4)[0]
     assert mma["BLOCK_M"] == 16 and mma["SPLIT_K"] > 1 and (4096 // mma["BLOCK_N"]) * mma["SPLIT_K"] >= 2 * 132
-    assert configs.quant_configs(2048, 4096, 4096, 128, sms=132, bits=4)[0]["SPLIT_K"] == 1
+    prefill = [c for c in configs.quant_configs(2048, 4096, 4096, 128, sms=132, bits=4) if c["strategy"] == "mma"]
+    assert all(c["SPLIT_K"] == 1 for c in prefill)
 
 
 def test_unsupported_widths_and_groups_are_rejected_with_the_layer_named() -> None:
@@ -259,6 +306,11 @@ def _jobs() -> list[tuple[str, AotJob]]:
                 q = [c for c in cands if c["strategy"] == "mma"][0]
                 jobs.append((f"quant_matmul lowrank={lowrank} {phase}",
                              AotJob("quant_matmul", {**q, "BITS": 4, "BLOCK_K": 128}, arch, flags={"lowrank": lowrank})))
+        prefill = configs.quant_configs(2048, N, K, 128, sms=132, bits=4)[0]
+        jobs.append(("dequantize prefill", AotJob("dequantize", {**prefill["dequant"], "BITS": 4, "BLOCK_K": 128}, arch)))
+        jobs.append(("matmul on a K x N weight prefill", AotJob("matmul", {**prefill["matmul"], "W_LAYOUT": "kn"}, arch)))
+        jobs.append(("matmul + t U^T on a K x N weight prefill",
+                     AotJob("matmul", {**prefill["matmul"], "W_LAYOUT": "kn"}, arch, flags={"lowrank": True})))
         for lowrank in (False, True):
             for bits, block_k in ((4, 128), (8, 64)):
                 g = configs.quant_configs(1, 4096, 4096, block_k, sms=132, rank=32 if lowrank else 0, bits=bits)[0]
@@ -274,7 +326,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
     for (what, job), res in zip(jobs, results):
         ptx = res["ptx"]
         assert f".target sm_{job.arch[3:]}" in ptx, what
-        if job.template == "quant_gemv":
+        if job.template == "dequantize":
+            assert "mma" not in ptx and "st.global" in ptx, what  # elementwise: codes in, W^T out
+        elif job.template == "quant_gemv":
             # decode: bound by reading the weights, on the CUDA cores with 16-byte loads of the codes,
             # split-K partials added in device memory
             assert "mma" not in ptx, f"{what}: the GEMV kernel should not use tensor-core tiles"

@@ -31,6 +31,13 @@ GEMV_ACC_REGS = 64
 # weight bytes in flight at once, which is what bandwidth needs when the loop itself is not
 # software-pipelined (no tensor-core dot to pipeline towards).
 GEMV_PROGRAMS_PER_SM = 4
+# At or above: a quantised layer is also offered as dequantise-once then matmul (dequantize.py.j2 +
+# matmul.py.j2), first. By byte and FLOP counts on an H100 the dequantised copy costs about a
+# tenth of the product's time at 2048 rows of a 4096 x 4096 layer and falls as 1 / rows; the fused
+# kernel measured about a third of cuBLAS's rate at M >= 2048 on an H200, since each dequantised
+# tile has to pass through shared memory on its way to the tensor cores.
+DEQUANT_MIN_M = 1024
+DEQUANT_BLOCK_N = 128  # columns per dequantising program: 64 x 128 bytes of codes, 16 B per thread-load
 
 
 def pow2(n: int, lo: int = MIN_TILE, hi: int | None = None) -> int:
@@ -122,11 +129,19 @@ def gemv_configs(M: int, N: int, K: int, block_k: int, bits: int, sms: int, rank
 
 
 def quant_configs(M: int, N: int, K: int, block_k: int, sms: int, rank: int = 0, *, bits: int) -> list[dict]:
-    """Configs for the quantised layer (BLOCK_K is fixed by the packed layout): GEMV configs first
-    where M <= GEMV_MAX_M, then the tensor-core kernel's (quant_matmul.py.j2); "strategy" says which."""
+    """Configs for the quantised layer (BLOCK_K is fixed by the packed layout); "strategy" says which
+    kernels: "gemv" (quant_gemv.py.j2, first where M <= GEMV_MAX_M), "dequant_matmul"
+    (dequantize.py.j2 then matmul.py.j2, first where M >= DEQUANT_MIN_M; with a low-rank branch,
+    t = x V^T by matmul.py.j2 in between), "mma" (the fused tensor-core kernel, quant_matmul.py.j2)."""
     k_blocks = math.ceil(K / block_k)
     extra = {"BLOCK_R": pow2(rank)} if rank else {}
     out = gemv_configs(M, N, K, block_k, bits, sms, rank)
+    if M >= DEQUANT_MIN_M:
+        dequant = {"BLOCK_N": DEQUANT_BLOCK_N, "num_warps": 4, "num_stages": 1}
+        # with a low-rank branch, t = x V^T first (a thin product), then one matmul adds t U^T
+        first = {"first": matmul_configs(M, rank, K, sms)[0]} if rank else {}
+        out += [{"strategy": "dequant_matmul", "dequant": dequant, "matmul": mm, **first}
+                for mm in matmul_configs(M, N, K, sms)[:3]]
     if M <= SMALL_M:
         shapes = ((16, 64, 4, 4), (16, 128, 4, 4), (16, 32, 4, 4))
     elif M <= 128:

@@ -29,6 +29,12 @@ def launches(call: dict[str, Any], M: int, sms: int) -> list[tuple[str, dict, di
                 ("matmul", {}, {**cfg["second"], "EVEN_K": s["R"] % cfg["second"]["BLOCK_K"] == 0})]
     if call["template"] == "quant_matmul":
         cfg = configs.quant_configs(M, s["N"], s["K"], s["BLOCK_K"], sms, s["R"], bits=s["BITS"])[0]
+        if cfg["strategy"] == "dequant_matmul":
+            out = [("dequantize", {}, {**cfg["dequant"], "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]})]
+            if s["R"]:
+                out.append(("matmul", {}, {**cfg["first"], "EVEN_K": s["K"] % cfg["first"]["BLOCK_K"] == 0}))
+            even = s["K"] % cfg["matmul"]["BLOCK_K"] == 0
+            return out + [("matmul", {"lowrank": True} if s["R"] else {}, {**cfg["matmul"], "W_LAYOUT": "kn", "EVEN_K": even})]
         template = "quant_gemv" if cfg["strategy"] == "gemv" else "quant_matmul"
         return [(template, call["flags"], {**cfg, "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]})]
     if call["template"] == "sparse_lowrank_linear":

@@ -120,8 +120,9 @@ def lowrank_linear(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torc
 
 def quant_linear(x: torch.Tensor, w: dict[str, Any], v: torch.Tensor | None = None, u: torch.Tensor | None = None,
                  where: str = "quantised layer") -> torch.Tensor:
-    """y = x W_q^T (+ (x v^T) u^T) + bias with the quantised kernels (the GEMV one or the tensor-core
-    one, whichever the config says: autotuned on a GPU); w from layout.pack_for_kernel."""
+    """y = x W_q^T (+ (x v^T) u^T) + bias with the quantised kernels (the GEMV one, the tensor-core
+    one, or dequantise-then-matmul, as the config says: autotuned on a GPU); w from
+    layout.pack_for_kernel."""
     K, N = w["k"], w["n"]
     x2 = _rows(x, K, where)
     how = mode(x2)
@@ -138,6 +139,12 @@ def quant_linear(x: torch.Tensor, w: dict[str, Any], v: torch.Tensor | None = No
     cands = lambda: configs.quant_configs(M, N, K, w["block_k"], sm_count(x2.device), rank, bits=w["bits"])
 
     def run(cfg: dict) -> torch.Tensor:
+        if cfg["strategy"] == "dequant_matmul":
+            wt = kernel("dequantize").launch(w, x2.dtype, cfg["dequant"])  # W^T, K x N
+            if not lowrank:
+                return kernel("matmul").launch(x2, wt.t(), w["bias"], cfg["matmul"])
+            t = kernel("matmul").launch(x2, v, None, cfg["first"])
+            return kernel("matmul", lowrank=True).launch(x2, wt.t(), w["bias"], cfg["matmul"], t, u)
         mod = kernel("quant_gemv" if cfg["strategy"] == "gemv" else "quant_matmul", lowrank=lowrank)
         return mod.launch(x2, w, v, u, cfg) if lowrank else mod.launch(x2, w, cfg)
 
