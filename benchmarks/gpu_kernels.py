@@ -11,7 +11,8 @@ Llama-7B-like weights (in x out: 4096x4096, 4096x11008, 11008x4096) at M (tokens
   the quantised kernel plus an unfused torch low-rank branch;
 - 5% block-sparse (16x16 blocks) + rank 64: lrcc's kernel vs the same form in torch with S dense;
 - a second table: linear attention (elu+1, non-causal and causal) vs softmax attention
-  (F.scaled_dot_product_attention) and vs the linear-attention torch reference.
+  (F.scaled_dot_product_attention) and vs the linear-attention torch reference; at few heads and long
+  sequences the sequence-parallel kernels vs the serial ones.
 
 Times: for M > 128, medians of triton.testing.do_bench (L2 flushed before every call); for
 M <= 128, where a call is a few microseconds and the host's launch overhead would dominate, the
@@ -269,25 +270,55 @@ def sparse_row(table, shape, M, x, b, dense, density: float = 0.05, rank: int = 
               "unfused = same form with S dense")
 
 
+def attempt(fn):
+    """fn(), or None where it raises (the torch reference's L x L causal scores can exceed the GPU's
+    memory at the longest sequences)."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 - the caller leaves the cell empty
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
 def attention_table(bw: float, peak: float) -> str:
     """Linear attention (elu+1) vs softmax attention (F.scaled_dot_product_attention) and vs the
-    linear-attention torch reference, fp16, D = 64."""
-    from lrcc.codegen.triton.attention import linear_attention, linear_attention_reference
-    lines = ["| B x H x L x D | causal | linear attention (us) | SDPA (us) | vs SDPA | vs torch reference | rel err |",
-             "|---|---|---|---|---|---|---|"]
-    for B, H, L in ((8, 16, 2048), (8, 16, 8192), (1, 32, 8192)):
+    linear-attention torch reference, fp16, D = 64. Few heads at long L (1 x 32, 1 x 8, 2 x 16) get the
+    sequence-parallel kernels (config SPLIT = segments); there the serial kernels' config (what
+    attention_config(..., allow_split=False) gives) is timed too. rel err: the worst of the kernels
+    run against the torch reference (against each other where the reference does not fit)."""
+    from lrcc.codegen.triton.attention import attention_config, linear_attention, linear_attention_reference
+    lines = [("| B x H x L x D | causal | config | linear attention (us) | serial config (us) | split speed-up "
+              "| SDPA (us) | vs SDPA | vs torch reference | rel err |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    shapes = ((8, 16, 2048), (8, 16, 8192), (1, 32, 8192), (1, 8, 16384), (2, 16, 16384))
+    if DEVICE != "cuda":  # smoke run: one split and one serial shape the interpreter gets through quickly
+        shapes = ((1, 2, 1024), (2, 2, 128))
+    for B, H, L in shapes:
         for causal in (False, True):
             try:
                 q, k, v = (torch.randn(B, H, L, 64, device=DEVICE).half() for _ in range(3))
+                cfg = attention_config((B, H, L, 64, 64), v.dtype, causal)
                 out = linear_attention(q, k, v, causal=causal)
-                err = rel(out, linear_attention_reference(q, k, v, causal=causal, feature="elu1"))
+                ref = attempt(lambda: linear_attention_reference(q, k, v, causal=causal, feature="elu1"))
+                errs = [] if ref is None else [rel(out, ref)]
                 t = bench(lambda: linear_attention(q, k, v, causal=causal))
+                serial = ["", ""]
+                if cfg["SPLIT"] > 1:
+                    scfg = attention_config((B, H, L, 64, 64), v.dtype, causal, allow_split=False)
+                    errs.append(rel(linear_attention(q, k, v, causal=causal, config=scfg), out if ref is None else ref))
+                    t_serial = bench(lambda: linear_attention(q, k, v, causal=causal, config=scfg))
+                    serial = [f"{t_serial * 1e3:.1f}", f"{t_serial / t:.2f}x"]
+                ref = None
                 t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-                t_ref = bench(lambda: linear_attention_reference(q, k, v, causal=causal, feature="elu1"))
-                row = [f"{B}x{H}x{L}x64", str(causal), f"{t * 1e3:.1f}", f"{t_sdpa * 1e3:.1f}", f"{t_sdpa / t:.2f}x",
-                       f"{t_ref / t:.2f}x", f"{err:.1e}"]
+                t_ref = attempt(lambda: bench(lambda: linear_attention_reference(q, k, v, causal=causal,
+                                                                                 feature="elu1")))
+                how = f"SPLIT={cfg['SPLIT']}" if cfg["SPLIT"] > 1 else "serial"
+                row = [f"{B}x{H}x{L}x64", str(causal), f"{how} BLOCK_DV={cfg['BLOCK_DV']}", f"{t * 1e3:.1f}", *serial,
+                       f"{t_sdpa * 1e3:.1f}", f"{t_sdpa / t:.2f}x", "" if t_ref is None else f"{t_ref / t:.2f}x",
+                       f"{max(errs):.1e}" if errs else ""]
             except Exception as e:  # noqa: BLE001 - report and carry on
-                row = [f"{B}x{H}x{L}x64", str(causal), f"FAILED: {type(e).__name__}", "", "", "", ""]
+                row = [f"{B}x{H}x{L}x64", str(causal), f"FAILED: {type(e).__name__}", "", "", "", "", "", "", ""]
             lines.append("| " + " | ".join(row) + " |")
             print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
@@ -337,10 +368,11 @@ def run(args) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 128, 2048, 8192])
-    ap.add_argument("--shapes", nargs="+", help="weights as INxOUT (default: the Llama-7B shapes)")
+    ap.add_argument("--m", type=int, nargs="+", help="token counts (default: 1 16 128 2048 8192; --smoke: 1 16)")
+    ap.add_argument("--shapes", nargs="+", help="weights as INxOUT (default: the Llama-7B shapes; --smoke: 64x64)")
     ap.add_argument("--smoke", action="store_true", help="run on the CPU under TRITON_INTERPRET=1 (tiny "
-                    "--shapes and --m): checks this script, times nothing meaningful; never writes the docs")
+                    "--shapes, --m and attention shapes): checks this script, times nothing meaningful; never "
+                    "writes the docs")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--no-attention", action="store_true", help="skip the linear-attention table")
     ap.add_argument("--out", type=Path, help="also write the section's markdown here")
@@ -349,10 +381,13 @@ def main() -> None:
     if args.smoke:
         DEVICE = "cpu"
         args.no_write = True
+        args.m = args.m or [1, 16]
+        args.shapes = args.shapes or ["64x64"]
     elif not torch.cuda.is_available():
         print("benchmarks/gpu_kernels.py needs a CUDA GPU; none is present (the kernels' correctness "
               "tests run without one: python -m pytest tests/test_triton_kernels.py)")
         sys.exit(2)
+    args.m = args.m or [1, 16, 128, 2048, 8192]
     body = run(args)
     if args.out:
         args.out.write_text(body)

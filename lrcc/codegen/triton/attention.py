@@ -4,12 +4,28 @@
 
 with j over the whole sequence (non-causal) or j <= i (causal), phi = elu + 1 ("elu1") or the
 identity ("identity", for features computed before the kernel, e.g. Performer's positive random
-features). Two templates: ``linear_attention`` (state first, then every query against it) and
-``causal_linear_attention`` (chunked, as flash-linear-attention's fused_chunk). Tile sizes and launch
-parameters are decided here, by :func:`attention_config`; the templates only carry them out.
+features). Two serial templates, one program per (batch*head, value block) walking the whole sequence:
+``linear_attention`` (state first, then every query against it) and ``causal_linear_attention``
+(chunked, as flash-linear-attention's fused_chunk). With few heads those leave most of the GPU idle,
+so two sequence-parallel templates cut the sequence into SPLIT segments of whole chunks, a program
+per (batch*head, value block, segment):
+
+- ``linear_attention_split``: phase 1 each segment's partial state phi(K)^T V, z; phase 2 each segment's
+  queries against the sum of all partials (summed in a fixed order: deterministic, no atomics);
+- ``causal_linear_attention_split`` (as fla's chunk mode): phase 1 each segment's local state; phase 2
+  the exclusive prefix over segments (one program per head and value block); phase 3 each segment
+  from the state of the earlier ones, chunk by chunk as fused_chunk within it.
+
+Their scratch is B*H*SPLIT*(Dk*Dv + Dk) fp32 values (non-causal; causal twice that: local states and
+prefixes); with one chunk per segment (fla's chunk mode, SPLIT = L / BLOCK_L) that would be 8 MiB per
+head at L = 16384, head size 64, so :func:`attention_config` gives each segment several chunks and
+only as many segments as it needs programs (under 8 MiB per buffer, and capped at _MAX_SCRATCH).
+Tile sizes, SPLIT and launch parameters are decided here, by :func:`attention_config`; the templates
+only carry them out.
 """
 from __future__ import annotations
 
+import numbers
 from types import ModuleType
 from typing import Any
 
@@ -46,6 +62,23 @@ _NONCAUSAL_CHUNK = 128
 _MIN_PROGRAMS = 128
 # Splitting stops at 32 value columns: narrower, the recomputed Dk-wide products outweigh the gain.
 _MIN_SPLIT_DV = 32
+# Sequence-parallel (split) variants, for when B*H*n_dv programs are fewer than _MIN_PROGRAMS even with
+# the value columns split down to _MIN_SPLIT_DV (so every shape the serial kernels were measured on,
+# B*H >= 64 at head size 64, keeps them): as many segments as bring the programs to _MIN_PROGRAMS,
+# within the limits below. A segment spans at least 4 chunks, so its state tile (Dk x Dv fp32, written
+# once and read once or twice: 16 KiB at head size 64) stays small against the q, k, v, o rows it
+# covers (4 x 64 rows x 4 x 64 x 2 bytes = 128 KiB causal fp16); it also means L must span 8 chunks
+# before a split is chosen.
+_MIN_SEGMENT_CHUNKS = 4
+# At most 32 segments: every non-causal query program sums all the segments' partial states (the
+# price of a deterministic sum without a third launch): at B*H = 2, L = 16384, head size 64 that is
+# 32 x 64 x 32 fp32 = 256 KiB of L2 reads per program, already more than its own 512 rows of q and o.
+_MAX_SPLIT = 32
+# The scratch a split may take (its state buffers, fp32): aiming at _MIN_PROGRAMS programs keeps
+# B*H*n_dv*SPLIT under 2 x _MIN_PROGRAMS, so a buffer under 2 x _MIN_PROGRAMS x Dk x BLOCK_DV x 4 bytes
+# <= 8 MiB (2 MiB at B*H = 8, head size 64); the cap is a guard should those constants change: beyond
+# it the serial kernels run, which need none.
+_MAX_SCRATCH = 64 << 20
 # Shared memory the software pipeline may take for its buffered q/k/v chunks: well under an A100's
 # 164 KiB per SM (H100: 228 KiB), leaving room for the dots' operand tiles. Measured on an H200 at
 # head size 64 (fp16, B*H = 64 and 128), three stages beat two by 6-18% in every case.
@@ -61,10 +94,12 @@ def dtype_name(dtype: torch.dtype | str, what: str = "linear attention") -> str:
     raise LrccError(f"{what} supports {', '.join(_ITEMSIZE)}, not {dtype}")
 
 
-def attention_config(shape: tuple[int, int, int, int, int], dtype: torch.dtype | str, causal: bool) -> dict[str, int]:
+def attention_config(shape: tuple[int, int, int, int, int], dtype: torch.dtype | str, causal: bool, *,
+                     allow_split: bool = True) -> dict[str, int]:
     """Tile sizes and launch parameters for linear attention of shape (B, H, L, Dk, Dv) with inputs of
-    `dtype` (torch dtype or "fp16" / "bf16" / "fp32"): BLOCK_L, BLOCK_DK, BLOCK_DV, num_warps,
-    num_stages."""
+    `dtype` (torch dtype or "fp16" / "bf16" / "fp32"): BLOCK_L, BLOCK_DK, BLOCK_DV, SPLIT (1: the serial
+    kernels; n >= 2: the sequence-parallel ones with n segments), num_warps, num_stages. allow_split=False
+    gives the serial kernels' config whatever the shape (to compare the two)."""
     B, H, L, Dk, Dv = (int(d) for d in shape)
     if Dk > MAX_DK:
         raise LrccError(f"linear attention keeps the key dimension in one tile: Dk={Dk} > {MAX_DK}; "
@@ -76,34 +111,64 @@ def attention_config(shape: tuple[int, int, int, int, int], dtype: torch.dtype |
     block_dv = pow2(Dv)
     while block_dk * block_dv > _MAX_TILE and block_dv > _MIN_TILE:
         block_dv //= 2
-    # ... and fewer per program while there are too few programs to fill the GPU
     n_dv = -(-Dv // block_dv)
-    while B * H * n_dv < _MIN_PROGRAMS and block_dv > _MIN_SPLIT_DV:
+    chunk = _CAUSAL_CHUNK if causal else _NONCAUSAL_CHUNK
+    # too few programs to fill the GPU even with the value columns split as far as they go (the
+    # serial kernels' only parallelism besides B*H): segments of the sequence (the split kernels),
+    # when it spans enough chunks and their scratch is within its cap. Segments come before value
+    # blocks there: they cost a state tile each, value blocks re-read q and k and recompute products.
+    split = 1
+    if allow_split and B * H * -(-Dv // min(block_dv, _MIN_SPLIT_DV)) < _MIN_PROGRAMS:
+        chunks = -(-L // min(chunk, pow2(L)))
+        split = min(-(-_MIN_PROGRAMS // (B * H * n_dv)), chunks // _MIN_SEGMENT_CHUNKS, _MAX_SPLIT)
+        scratch = (2 if causal else 1) * B * H * split * (Dk * Dv + Dk) * 4
+        if split < 2 or scratch > _MAX_SCRATCH:
+            split = 1
+    # fewer value columns per program while there are too few programs (with segments: where they
+    # stopped short of _MIN_PROGRAMS)
+    while B * H * n_dv * split < _MIN_PROGRAMS and block_dv > _MIN_SPLIT_DV:
         block_dv //= 2
         n_dv = -(-Dv // block_dv)
     # rows per chunk: no more than the sequence needs, and phi(Q_c) / V_c (C x Dk, C x Dv fp32) within
     # the register tile
-    block_l = min(_CAUSAL_CHUNK if causal else _NONCAUSAL_CHUNK, pow2(L))
+    block_l = min(chunk, pow2(L))
     while block_l * max(block_dk, block_dv) > _MAX_TILE and block_l > _MIN_TILE:
         block_l //= 2
+    if split > 1:
+        # the segment count the launch makes of SPLIT with these chunks (whole chunks, none empty)
+        chunks = -(-L // block_l)
+        split = -(-chunks // -(-chunks // split))
     largest = max(block_dk * block_dv, block_l * block_dk, block_l * block_dv, block_l * block_l if causal else 0)
     num_warps = 4 if largest <= _FOUR_WARP_TILE else 8
     # the chunk loop carries only S and z, so the next chunk's loads overlap this chunk's dots;
     # a third buffer when it fits the pipeline's share of shared memory
     stage_bytes = block_l * ((2 * block_dk if causal else block_dk) + block_dv) * itemsize
     num_stages = 3 if 3 * stage_bytes <= _PIPELINE_SMEM else 2
-    return {"BLOCK_L": block_l, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv,
+    return {"BLOCK_L": block_l, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv, "SPLIT": split,
             "num_warps": num_warps, "num_stages": num_stages}
 
 
-def kernel_module(causal: bool) -> ModuleType:
-    """The loaded kernel module: causal_linear_attention or linear_attention (cached by kernels.kernel)."""
-    return kernels.kernel(template_name(causal))
+def kernel_module(causal: bool, split: bool = False) -> ModuleType:
+    """The loaded kernel module: causal_linear_attention or linear_attention, or with `split` their
+    sequence-parallel forms (cached by kernels.kernel)."""
+    return kernels.kernel(template_name(causal, split))
 
 
-def template_name(causal: bool) -> str:
-    """The Triton template for causal or non-causal linear attention."""
-    return "causal_linear_attention" if causal else "linear_attention"
+def template_name(causal: bool, split: bool = False) -> str:
+    """The Triton template for causal or non-causal linear attention (with `split`: the
+    sequence-parallel one, config SPLIT >= 2)."""
+    name = "causal_linear_attention" if causal else "linear_attention"
+    return f"{name}_split" if split else name
+
+
+def kernel_launches(config: dict[str, Any], causal: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(template, render flags) of every kernel linear_attention launches with `config`, in launch
+    order: what ahead-of-time compiles (aot.AotJob) of it need. A split template's flag `phase` picks
+    the kernel its module exposes as KERNEL."""
+    if config.get("SPLIT", 1) == 1:
+        return [(template_name(causal), {})]
+    name = template_name(causal, split=True)
+    return [(name, {"phase": phase}) for phase in kernels.kernel(name).PHASES]
 
 
 def check_qkv(what: str, q, k, v) -> None:
@@ -149,13 +214,19 @@ def _check_config(config: dict[str, Any], Dk: int) -> None:
     if config["BLOCK_DK"] < Dk:
         raise LrccError(f"linear_attention: config BLOCK_DK={config['BLOCK_DK']} < Dk={Dk}; the kernel keeps "
                         f"the whole key dimension in one tile")
+    split = config.get("SPLIT", 1)
+    if not isinstance(split, numbers.Integral) or isinstance(split, bool) or split < 1:
+        raise LrccError(f"linear_attention: config SPLIT={split!r} must be an int >= 1 (1: one program per head "
+                        f"and value block walks the whole sequence; n >= 2: at most n sequence segments in "
+                        f"parallel)")
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, feature: str = "elu1",
                      eps: float = 1e-6, config: dict[str, Any] | None = None) -> torch.Tensor:
     """Linear attention of q, k [B, H, L, Dk] and v [B, H, L, Dv] on Triton (any strides): returns a new
     [B, H, L, Dv] tensor in v's dtype, accumulated in fp32. q and k share a dtype; v may differ, and
-    the dots run in v's. config defaults to attention_config()."""
+    the dots run in v's. config defaults to attention_config(); its SPLIT (default 1) picks the serial
+    kernels (1) or the sequence-parallel ones (>= 2)."""
     _check(q, k, v, feature, eps)
     B, H, L, Dk = q.shape
     Dv = v.shape[-1]
@@ -164,7 +235,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     _check_config(config, Dk)
     if B * H * L == 0:
         return torch.empty((B, H, L, Dv), dtype=v.dtype, device=v.device)
-    return kernel_module(bool(causal)).launch(q, k, v, float(eps), feature, config)
+    return kernel_module(bool(causal), config.get("SPLIT", 1) > 1).launch(q, k, v, float(eps), feature, config)
 
 
 def _phi(x: torch.Tensor, feature: str) -> torch.Tensor:
