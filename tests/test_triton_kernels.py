@@ -306,6 +306,10 @@ def _jobs() -> list[tuple[str, AotJob]]:
                 q = [c for c in cands if c["strategy"] == "mma"][0]
                 jobs.append((f"quant_matmul lowrank={lowrank} {phase}",
                              AotJob("quant_matmul", {**q, "BITS": 4, "BLOCK_K": 128}, arch, flags={"lowrank": lowrank})))
+        # a layer whose widths are not multiples of 16: compiled without the alignment the JIT
+        # would not assume either
+        jobs.append(("matmul at unaligned sizes", AotJob("matmul", configs.matmul_configs(2048, N, K, sms=132)[0], arch,
+                                                         aligned=False)))
         prefill = configs.quant_configs(2048, N, K, 128, sms=132, bits=4)[0]
         jobs.append(("dequantize prefill", AotJob("dequantize", {**prefill["dequant"], "BITS": 4, "BLOCK_K": 128}, arch)))
         jobs.append(("matmul on a K x N weight prefill", AotJob("matmul", {**prefill["matmul"], "W_LAYOUT": "kn"}, arch)))
@@ -341,3 +345,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
             assert "wgmma.mma_async" in ptx, f"{what}: no wgmma on sm_90"
         else:
             assert "mma.sync.aligned" in ptx, f"{what}: no tensor-core mma on sm_90"
+        if "prefill" in what and job.template in ("matmul", "lowrank_linear", "quant_matmul"):
+            # at aligned sizes (model widths), the K loop is software-pipelined: asynchronous copies
+            # to shared memory tiles ahead of the tensor cores, as the JIT compiles it on a GPU
+            assert "cp.async" in ptx, f"{what}: K loop not pipelined"

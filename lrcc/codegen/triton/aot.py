@@ -36,6 +36,9 @@ class AotJob:
     arch: str = "sm_80"
     dtype: str = "fp16"
     flags: dict[str, Any] = field(default_factory=dict)
+    # whether the sizes and strides are multiples of 16, as model widths are (4096, 11008, ...): the
+    # JIT specialises on that at launch, and it decides whether loads vectorise and loops pipeline
+    aligned: bool = True
 
 
 def compile_many(jobs: list[AotJob], timeout: float = 900.0) -> list[dict[str, Any]]:
@@ -63,11 +66,12 @@ def _compile_one(job: dict[str, Any]) -> dict[str, Any]:
     config = job["config"]
     signature, constexprs = module.aot_args(config, job["dtype"])
     # pointers 16-byte aligned, as torch allocates them (what the JIT specialises on at launch)
-    # and, for the integer arguments a template names in AOT_DIVISIBLE, multiples of 16, as the JIT
-    # specialises sizes and strides like 4096 (what lets it vectorise loads along them)
-    divisible = set(getattr(module, "AOT_DIVISIBLE", ()))
+    # and, for an aligned job, the strides and the sizes a template names in AOT_DIVISIBLE multiples
+    # of 16, as the JIT specialises them when a GPU launch passes sizes like 4096
+    sizes = set(getattr(module, "AOT_DIVISIBLE", ())) if job.get("aligned", True) else set()
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
-             if ty.startswith("*") or (name in divisible and ty == "i32")}
+             if ty.startswith("*") or (ty == "i32" and (name in sizes or (job.get("aligned", True)
+                                                                          and name.startswith("stride_"))))}
     target = GPUTarget("cuda", parse_arch(job["arch"]), 32)
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({"num_warps": config["num_warps"], "num_stages": config["num_stages"]})

@@ -57,14 +57,16 @@ def write_kernels(module: nn.Module, out: Path, arch: str, dtype: str = "fp16") 
             continue
         entries = []
         for call in calls():
+            # the JIT specialises on sizes that are multiples of 16; the saved PTX does the same
+            aligned = all(call["shape"][d] % 16 == 0 for d in ("N", "K", "R") if call["shape"].get(d))
             for phase, M in TOKENS.items():
                 for template, flags, cfg in launches(call, M, sms):
                     stem = template + ("_lowrank" if flags.get("lowrank") else "")
                     source = render(template, **flags)
                     (kdir / f"{stem}.py").write_text(source)
-                    key = hashlib.sha256(json.dumps([stem, cfg], sort_keys=True).encode()).hexdigest()[:10]
+                    key = hashlib.sha256(json.dumps([stem, cfg, aligned], sort_keys=True).encode()).hexdigest()[:10]
                     ptx_name = f"{stem}-{key}.{arch}.ptx"
-                    jobs.setdefault(ptx_name, AotJob(template, cfg, arch, dtype, dict(flags)))
+                    jobs.setdefault(ptx_name, AotJob(template, cfg, arch, dtype, dict(flags), aligned))
                     entries.append({"phase": phase, "rows": M, "source": f"{stem}.py", "ptx": ptx_name, "config": cfg})
         sites[getattr(mod, "site", name)] = entries
     names = sorted(jobs)
