@@ -97,6 +97,9 @@ def test_save_with_arch_writes_kernel_sources_and_ptx(quantised, tmp_path) -> No
             cuda_cores = e["source"].startswith(("quant_gemv", "dequantize"))
             assert ("mma" not in ptx) if cuda_cores else ("mma.sync" in ptx), e
     assert any(e["source"].startswith("quant_gemv") for es in manifest["sites"].values() for e in es)
+    used = {e["ptx"] for es in manifest["sites"].values() for e in es}
+    assert set(manifest["resources"]) == used
+    assert all(r["regs"] and r["local_bytes"] == 0 for r in manifest["resources"].values()), manifest["resources"]
     loaded = lrcc.load(out)
     x = torch.randn(5, 64)
     with torch.no_grad():

@@ -271,6 +271,7 @@ def test_both_kernels_compile_for_sm80_and_sm90_with_tensor_cores() -> None:
     assert {job.template for job in jobs} == {template_name(c, s) for c in (False, True) for s in (False, True)}
     for job, res in zip(jobs, compile_many(jobs)):
         ptx, what = res["ptx"], f"{job.template} {job.flags} {job.arch}"
+        assert res["local_bytes"] == 0, f"{what}: spills {res['local_bytes']} bytes per thread"  # ptxas's allocation
         products = PRODUCTS[job.flags.get("phase", job.template)]
         assert f".target sm_{job.arch[3:]}" in ptx, what
         if not products:

@@ -330,6 +330,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
     for (what, job), res in zip(jobs, results):
         ptx = res["ptx"]
         assert f".target sm_{job.arch[3:]}" in ptx, what
+        # ptxas's allocation (read back with cuobjdump): no heuristic config spills registers
+        assert res["regs"] is not None and res["local_bytes"] == 0, (what, res["regs"], res["local_bytes"])
+        if job.template == "quant_gemv":
+            # and the decode kernel leaves room for 4 programs of 4 warps per SM (64K registers)
+            assert res["regs"] * 32 * job.config["num_warps"] * 4 <= 65536, (what, res["regs"])
         if job.template == "dequantize":
             assert "mma" not in ptx and "st.global" in ptx, what  # elementwise: codes in, W^T out
         elif job.template == "quant_gemv":

@@ -294,7 +294,9 @@ def test_compiles_for_sm80_and_sm90() -> None:
             for arch in ("sm_80", "sm_90")]
     jobs.append(AotJob(TEMPLATE, scatterbrain_config(largest, MAX_FEATURES, 64, 64, "fp32"), "sm_80", "fp32"))
     jobs.append(AotJob(TEMPLATE, {**scatterbrain_config(shape, 8, 16, 16, "fp16"), "CENTROID": True}, "sm_80", "fp16"))
-    sm80, sm90, biggest, centroid = compile_many(jobs)
+    sm80, sm90, biggest, centroid = results = compile_many(jobs)
+    # ptxas's allocation, read back with cuobjdump: no config spills registers to local memory
+    assert [r["local_bytes"] for r in results] == [0] * len(results), [(r["regs"], r["local_bytes"]) for r in results]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in centroid["ptx"], "sm_80 (centroid): no fp16 mma"
     assert ".target sm_80" in sm80["ptx"] and ".target sm_90a" in sm90["ptx"]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in sm80["ptx"], "sm_80: no fp16 mma.sync"

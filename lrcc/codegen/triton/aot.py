@@ -42,7 +42,8 @@ class AotJob:
 
 
 def compile_many(jobs: list[AotJob], timeout: float = 900.0) -> list[dict[str, Any]]:
-    """Compile every job in one subprocess; returns per job {"ptx", "name", "shared"}.
+    """Compile every job in one subprocess; returns per job {"ptx", "name", "shared" (bytes),
+    "regs" (per thread), "local_bytes" (spilled, per thread)} (the last two None without cuobjdump).
     Raises LrccError naming the job that failed."""
     for job in jobs:
         parse_arch(job.arch)
@@ -81,7 +82,26 @@ def _compile_one(job: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:
         first = "\n".join(str(e).splitlines()[:12])
         raise SystemExit(f"{job['template']} {job['flags']} {config} for {job['arch']}: {first}")
-    return {"ptx": k.asm["ptx"], "name": k.metadata.name, "shared": k.metadata.shared}
+    return {"ptx": k.asm["ptx"], "name": k.metadata.name, "shared": k.metadata.shared,
+            **resources(k.asm.get("cubin"))}
+
+
+def resources(cubin: bytes | None) -> dict[str, int | None]:
+    """Registers per thread and local-memory (spill) bytes per thread of a compiled kernel, as ptxas
+    allotted them, read with the cuobjdump Triton bundles; None where it is missing."""
+    import re
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not cubin or not os.path.exists(tool):
+        return {"regs": None, "local_bytes": None}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs, local = re.search(r"REG:(\d+)", out), re.search(r"LOCAL:(\d+)", out)
+    return {"regs": int(regs.group(1)) if regs else None, "local_bytes": int(local.group(1)) if local else None}
 
 
 def main() -> None:

@@ -23,10 +23,12 @@ SMALL_M = 16        # at or below: weight-streaming (GEMV-shaped) configs
 FUSED_MAX_RANK = 128  # widest rank-r intermediate a program keeps in registers (BLOCK_M x BLOCK_R fp32)
 PROGRAMS_PER_SM = 2
 GEMV_MAX_M = 4      # at or below: the quantised GEMV kernel is offered (one row per program)
-# fp32 accumulator registers per thread the GEMV kernel may hold ([SUB, BLOCK_N] over
-# 32 * num_warps threads): a quarter of the 255-register limit, leaving room for the codes, the
-# dequantised slab and the addresses without spilling.
-GEMV_ACC_REGS = 64
+# Elements of the [SUB, BLOCK_N] slab per thread in the GEMV kernel. Each costs about three
+# registers at once (the fp32 accumulator, the dequantised weight, its share of the packed byte):
+# ptxas gives 238 registers per thread at 64 elements (int4, sm_90, Triton 3.9: 2 programs of 4
+# warps per SM) and about 100 at 32 (4-5 programs per SM); read back with cuobjdump by
+# tests/test_triton_kernels.py.
+GEMV_TILE_PER_THREAD = 32
 # Decode steps are short (a few microseconds); 4 programs per SM give each SM several slabs of
 # weight bytes in flight at once, which is what bandwidth needs when the loop itself is not
 # software-pipelined (no tensor-core dot to pipeline towards).
@@ -113,8 +115,8 @@ def gemv_configs(M: int, N: int, K: int, block_k: int, bits: int, sms: int, rank
     out = []
     for warps in (4, 8):
         threads = 32 * warps
-        # the widest column block whose accumulators (and the rank-r partial t) fit the budget
-        bn = GEMV_ACC_REGS * threads // sub - br
+        # the widest column block whose slab (and the rank-r partial t) fits the budget
+        bn = GEMV_TILE_PER_THREAD * threads // sub - br
         bn = max(MIN_TILE, min(1 << max(bn, 1).bit_length() - 1, pow2(N, hi=512)))
         for width in (bn, max(MIN_TILE, bn // 2)):
             programs = math.ceil(N / width) * M

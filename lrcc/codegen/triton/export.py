@@ -44,7 +44,8 @@ def launches(call: dict[str, Any], M: int, sms: int) -> list[tuple[str, dict, di
 
 def write_kernels(module: nn.Module, out: Path, arch: str, dtype: str = "fp16") -> dict[str, Any]:
     """Write kernels/<template>.py sources and kernels/<template>-<config hash>.<arch>.ptx for every
-    kernel the model's sites launch (decode and prefill configs), plus kernels/manifest.json."""
+    kernel the model's sites launch (decode and prefill configs), plus kernels/manifest.json (which
+    site launches what, and each compiled kernel's shared memory, registers and spills)."""
     cc = parse_arch(arch)
     sms = SMS.get(cc, 108)
     kdir = out / "kernels"
@@ -70,8 +71,10 @@ def write_kernels(module: nn.Module, out: Path, arch: str, dtype: str = "fp16") 
                     entries.append({"phase": phase, "rows": M, "source": f"{stem}.py", "ptx": ptx_name, "config": cfg})
         sites[getattr(mod, "site", name)] = entries
     names = sorted(jobs)
+    usage = {}
     for ptx_name, res in zip(names, compile_many([jobs[n] for n in names]) if names else []):
         (kdir / ptx_name).write_text(res["ptx"])
-    manifest = {"arch": arch, "dtype": dtype, "sms_assumed": sms, "sites": sites}
+        usage[ptx_name] = {"shared_bytes": res["shared"], "regs": res["regs"], "local_bytes": res["local_bytes"]}
+    manifest = {"arch": arch, "dtype": dtype, "sms_assumed": sms, "sites": sites, "resources": usage}
     (kdir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
