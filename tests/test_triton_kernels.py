@@ -236,6 +236,11 @@ def test_matmul_kernel_matches_reference() -> None:
     w = torch.randn(33, 70, generator=torch.Generator().manual_seed(3)).to(x.device)
     for cfg in configs.matmul_configs(45, 33, 70, sms=4)[:2]:
         assert rel(mod.launch(x, w, b, cfg), F.linear(x, w, b)) < TOL[torch.float32]
+    # K split over programs: partial products add into an fp32 output
+    for split in (2, 3):
+        y = mod.launch(x.half(), w.half(), b.half(), {**configs.matmul_configs(45, 33, 70, sms=4)[0], "SPLIT_K": split})
+        assert y.dtype == torch.float32
+        assert rel(y, F.linear(x.half().float(), w.half().float(), b.half().float())) < 1e-3, split
     # K a multiple of BLOCK_K: the loads drop their K mask (EVEN_K)
     x2, w2 = x[:, :64].contiguous(), w[:, :64].contiguous()
     cfg = configs.matmul_configs(45, 33, 64, sms=4)[0]

@@ -23,6 +23,7 @@ from lrcc.codegen.triton.sparse import (
     csr_to_dense,
     prepare,
     run,
+    sparse_candidates,
     sparse_config,
     sparse_lowrank_linear,
     sparse_lowrank_reference,
@@ -146,6 +147,30 @@ def test_any_split_of_the_output_tiles_gives_the_same_result(block_m, n_split) -
     assert rel(run(x, w, cfg).cpu(), sparse_lowrank_reference(x.cpu(), parts)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_two_pass_strategy_matches_the_fused_kernel_and_the_reference(dtype, rows) -> None:
+    """t = x V^T first (the matmul kernel, split over K into fp32), then the sparse kernel reading it,
+    one program per output tile; the fused kernel computes t in every program instead."""
+    parts = _parts(_block_mask(N_OUT, N_IN))
+    w = prepare(parts, device=device())
+    x = torch.randn(rows, N_IN, generator=torch.Generator().manual_seed(6)).to(device(), dtype)
+    two_pass, fused = sorted(sparse_candidates(rows, N_OUT, N_IN, R, sms=132), key=lambda c: c["strategy"] != "two_pass")
+    assert two_pass["sparse"]["HAS_T"] and two_pass["sparse"]["N_SPLIT"] == -(-N_OUT // 16)
+    ref = sparse_lowrank_reference(x.cpu(), parts)
+    assert rel(run(x, w, fused).cpu(), ref) < TOL[dtype]
+    for split in (1, 2):  # t in x's dtype, or split over K into fp32 partials added atomically
+        cfg = {**two_pass, "t": {**two_pass["t"], "SPLIT_K": split}}
+        assert rel(run(x, w, cfg).cpu(), ref) < TOL[dtype], split
+
+
+def test_decode_shapes_compute_t_once() -> None:
+    """For a few rows, every fused program would read all of V again: two-pass is offered first.
+    The fused kernel stays first where one program per row block computes t once."""
+    assert sparse_candidates(1, 4096, 4096, 64, sms=132)[0]["strategy"] == "two_pass"
+    assert sparse_candidates(1 << 16, 256, 256, 16, sms=4)[0]["strategy"] == "fused"
+
+
 def test_unstructured_s_and_leading_dims() -> None:
     """Entry-wise S (every block partly filled) through 32 x 32 blocks; x with two leading dims."""
     mask = torch.rand(N_OUT, N_IN, generator=torch.Generator().manual_seed(4)) < 0.05
@@ -186,7 +211,8 @@ def test_module_runs_the_kernel_and_names_its_launch() -> None:
     assert rel(mod(x).cpu(), sparse_lowrank_reference(x.cpu(), parts)) < TOL[torch.float32]
     (call,) = mod.kernel_calls()
     cfg = call["config"](2048, 132)
-    assert call["template"] == "sparse_lowrank_linear" and (cfg["BLOCK_K"], cfg["BLOCK_N"]) == (16, 16)
+    sparse_cfg = cfg["sparse"] if cfg["strategy"] == "two_pass" else cfg
+    assert call["template"] == "sparse_lowrank_linear" and (sparse_cfg["BLOCK_K"], sparse_cfg["BLOCK_N"]) == (16, 16)
     assert sparse._reference_prepared(x.cpu(), prepare(parts)).sub(sparse_lowrank_reference(x.cpu(), parts)).abs().max() < 1e-4
 
 
@@ -224,9 +250,16 @@ def test_compiles_for_sm80_and_sm90_on_tensor_cores() -> None:
     prefill = sparse_config(2048, 1536, 384, 64, sms=132)
     decode = sparse_config(1, 1536, 384, 64, sms=132)
     assert prefill["BLOCK_M"] == 64 and decode["BLOCK_M"] == 16
+    two_pass = sparse_candidates(1, 1536, 384, 64, sms=132)[0]
+    assert two_pass["strategy"] == "two_pass" and two_pass["t"]["SPLIT_K"] > 1
     jobs = [AotJob("sparse_lowrank_linear", prefill, "sm_80"), AotJob("sparse_lowrank_linear", prefill, "sm_90"),
-            AotJob("sparse_lowrank_linear", decode, "sm_90")]
+            AotJob("sparse_lowrank_linear", decode, "sm_90"), AotJob("matmul", two_pass["t"], "sm_80"),
+            AotJob("sparse_lowrank_linear", two_pass["sparse"], "sm_80")]
     results = compile_many(jobs)
+    t_ptx, reading_t = results[3]["ptx"], results[4]["ptx"]
+    assert "red.global" in t_ptx or "atom.global" in t_ptx  # t's split-K partials add up in device memory
+    assert re.search(r"\bmma\.sync\.aligned", reading_t)  # t U^T and the sparse blocks on the tensor cores
+    results = results[:3]
     # ptxas's allocation, read back with cuobjdump: no config spills registers to local memory
     assert [r["local_bytes"] for r in results] == [0] * len(results), [(r["regs"], r["local_bytes"]) for r in results]
     sm80, sm90, sm90_decode = (r["ptx"] for r in results)

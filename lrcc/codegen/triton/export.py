@@ -38,7 +38,11 @@ def launches(call: dict[str, Any], M: int, sms: int) -> list[tuple[str, dict, di
         template = "quant_gemv" if cfg["strategy"] == "gemv" else "quant_matmul"
         return [(template, call["flags"], {**cfg, "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]})]
     if call["template"] == "sparse_lowrank_linear":
-        return [("sparse_lowrank_linear", call["flags"], call["config"](M, sms))]
+        cfg = call["config"](M, sms)
+        if cfg.get("strategy") == "two_pass":  # t = x V^T first, then the sparse kernel reading it
+            return [("matmul", {}, {**cfg["t"], "EVEN_K": s["K"] % cfg["t"]["BLOCK_K"] == 0}),
+                    ("sparse_lowrank_linear", call["flags"], cfg["sparse"])]
+        return [("sparse_lowrank_linear", call["flags"], {k: v for k, v in cfg.items() if k != "strategy"})]
     raise LrccError(f"no kernel launch plan for template {call['template']!r}")
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ...errors import LrccError
 from . import kernels
-from .configs import PROGRAMS_PER_SM, pow2
+from .configs import PROGRAMS_PER_SM, matmul_configs, pow2
 
 MIN_BLOCK = 16           # smallest extent of a tensor-core product (tl.dot) along K and N
 DEFAULT_BLOCK = (16, 16)  # (block_k, block_n): the rule's sparse_block (16, 16) gives exactly these blocks
@@ -153,6 +153,24 @@ def sparse_config(M: int, N: int, K: int, R: int, block_k: int = DEFAULT_BLOCK[0
             "num_stages": 3}
 
 
+def sparse_candidates(M: int, N: int, K: int, R: int, block_k: int = DEFAULT_BLOCK[0],
+                      block_n: int = DEFAULT_BLOCK[1], sms: int = 108) -> list[dict[str, Any]]:
+    """The two ways to run the layer, the predicted faster first (autotuning on a GPU keeps the
+    faster): "fused", one kernel (sparse_config) in which every program of a row block computes
+    t = x V^T again; "two_pass", t first (matmul.py.j2, split K so a few rows still fill the GPU),
+    then the sparse kernel reading it, one program per output tile. Fused is first only where it
+    computes t once per row block (N_SPLIT = 1): each extra program reads all of V again (r K
+    values) and redoes 2 r K FLOPs per row, which for a few rows is more than the layer's own work."""
+    fused = {"strategy": "fused", **sparse_config(M, N, K, R, block_k, block_n, sms)}
+    t_cfg = dict(matmul_configs(M, R, K, sms)[0])
+    programs = -(-M // t_cfg["BLOCK_M"]) * -(-R // t_cfg["BLOCK_N"])
+    k_blocks = -(-K // t_cfg["BLOCK_K"])
+    t_cfg["SPLIT_K"] = max(1, min(-(-PROGRAMS_PER_SM * sms // programs), k_blocks // 2))
+    sparse = {**sparse_config(M, N, K, R, block_k, block_n, sms), "N_SPLIT": -(-N // block_n), "HAS_T": True}
+    two_pass = {"strategy": "two_pass", "t": t_cfg, "sparse": sparse}
+    return [fused, two_pass] if fused["N_SPLIT"] == 1 else [two_pass, fused]
+
+
 def _kernel():
     """The loaded kernel module (kernels.kernel caches it: launches are on the hot path)."""
     return kernels.kernel("sparse_lowrank_linear")
@@ -176,14 +194,25 @@ def run(x: torch.Tensor, w: SparseLowRank, config: dict[str, Any] | None = None)
     if M == 0:
         return torch.empty((*lead, w.m), dtype=x.dtype, device=x.device)
     if config is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 108
-        config = sparse_config(M, w.m, w.n, w.r, w.block_k, w.block_n, sms)
-    if (config["BLOCK_K"], config["BLOCK_N"]) != (w.block_k, w.block_n) or config["BLOCK_R"] < w.r:
-        raise LrccError(f"sparse + low-rank kernel: config BLOCK_K={config['BLOCK_K']}, BLOCK_N={config['BLOCK_N']}, "
-                        f"BLOCK_R={config['BLOCK_R']} do not fit the weight (blocks {w.block_k} x {w.block_n}, "
-                        f"rank {w.r}); take the config from sparse_config")
-    y = _kernel().launch(x2, w.v, w.u, w.block_ptr, w.block_idx, w.blocks, w.bias, config)
-    return y.reshape(*lead, w.m)
+        cands = lambda: sparse_candidates(M, w.m, w.n, w.r, w.block_k, w.block_n, kernels.sm_count(x.device))
+        key = ("sparse_lowrank_linear", kernels._bucket(M), w.m, w.n, w.r, w.block_k, w.block_n, x.dtype)
+        config = kernels.tune(key, cands, lambda cfg: _launch(x2, w, cfg), x.device)
+    sparse = config["sparse"] if config.get("strategy") == "two_pass" else config
+    if (sparse["BLOCK_K"], sparse["BLOCK_N"]) != (w.block_k, w.block_n) or sparse["BLOCK_R"] < w.r:
+        raise LrccError(f"sparse + low-rank kernel: config BLOCK_K={sparse['BLOCK_K']}, BLOCK_N={sparse['BLOCK_N']}, "
+                        f"BLOCK_R={sparse['BLOCK_R']} do not fit the weight (blocks {w.block_k} x {w.block_n}, "
+                        f"rank {w.r}); take the config from sparse_config or sparse_candidates")
+    return _launch(x2, w, config).reshape(*lead, w.m)
+
+
+def _launch(x2: torch.Tensor, w: SparseLowRank, config: dict[str, Any]) -> torch.Tensor:
+    """The layer on rows x2 (M x n, rows contiguous) with a config of sparse_config (fused) or of
+    sparse_candidates (either strategy)."""
+    if config.get("strategy") != "two_pass":
+        return _kernel().launch(x2, w.v, w.u, w.block_ptr, w.block_idx, w.blocks, w.bias, config)
+    v = w.v if w.v.dtype == x2.dtype else w.v.to(x2.dtype)
+    t = kernels.kernel("matmul").launch(x2, v, None, config["t"])  # x V^T: fp32 when split over K
+    return _kernel().launch(x2, w.v, w.u, w.block_ptr, w.block_idx, w.blocks, w.bias, config["sparse"], t)
 
 
 # id(values tensor) -> (that tensor, weakly; the other parts' ids and block sizes; the prepared weight)
@@ -259,7 +288,7 @@ class TritonSparseLowRankLinear(nn.Module):
         m, n, r, bk, bn = self.m, self.n, self.r, self.block_k, self.block_n
         return [{"template": "sparse_lowrank_linear", "flags": {},
                  "shape": {"N": m, "K": n, "R": r, "BLOCK_K": bk, "BLOCK_N": bn},
-                 "config": lambda M, sms: sparse_config(M, m, n, r, bk, bn, sms)}]
+                 "config": lambda M, sms: sparse_candidates(M, m, n, r, bk, bn, sms)[0]}]
 
 
 def _reference_prepared(x: torch.Tensor, w: SparseLowRank) -> torch.Tensor:
