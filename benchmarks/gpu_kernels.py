@@ -226,7 +226,8 @@ def tuned(*key) -> str:
     if cfg["strategy"] == "dequant_matmul":
         mm = cfg["matmul"]
         return f"dequantise + matmul {mm['BLOCK_M']}x{mm['BLOCK_N']}x{mm['BLOCK_K']} warps={mm['num_warps']}"
-    return f"{cfg['strategy']} BLOCK_N={cfg['BLOCK_N']} split={cfg.get('SPLIT_K', 1)} warps={cfg['num_warps']}"
+    reduce = f" ({cfg['REDUCE']})" if cfg.get("SPLIT_K", 1) > 1 and "REDUCE" in cfg else ""
+    return f"{cfg['strategy']} BLOCK_N={cfg['BLOCK_N']} split={cfg.get('SPLIT_K', 1)}{reduce} warps={cfg['num_warps']}"
 
 
 def quant_lowrank_row(table, shape, M, x, wq, vu, dense, t_quant) -> None:

@@ -7,6 +7,7 @@ so 1e-4 relative; fp16 operands with fp32 accumulation, 2e-2 relative (the inter
 product and the dequantised weights are rounded to fp16 as the torch reference rounds them).
 """
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -146,10 +147,11 @@ def test_quant_gemv_matches_reference(spec, dtype) -> None:
         x = torch.randn(M, n, generator=torch.Generator().manual_seed(M)).to(dev, dtype)
         ref = F.linear(x.float(), w_ref.to(dev).to(dtype).float(), bias.to(dev).to(dtype).float())
         first = configs.gemv_configs(M, m, n, packed["block_k"], spec[0], sms=8)[0]
-        for split in (1, 3):
-            y = mod.launch(x, w, {**first, "SPLIT_K": split})
-            assert y.dtype == dtype and y.shape == (M, m)
-            assert rel(y, ref) < tol, (M, split)
+        for split, reduce in ((1, "none"), (3, "atomic"), (3, "serial"), (2, "serial")):
+            for _ in range(2):  # twice: the serial reduction's counters must be back at zero
+                y = mod.launch(x, w, {**first, "SPLIT_K": split, "REDUCE": reduce})
+                assert y.dtype == dtype and y.shape == (M, m)
+                assert rel(y, ref) < tol, (M, split, reduce)
 
 
 @pytest.mark.parametrize("spec", [(4, 32), (8, 0)])
@@ -170,9 +172,9 @@ def test_fused_quant_lowrank_gemv_matches_reference(spec, dtype) -> None:
         ref = F.linear(x.float(), w_ref.to(dtype).float(), bias.to(dtype).float()) + F.linear(t, u.float())
         first = configs.gemv_configs(M, m, n, packed["block_k"], spec[0], sms=8, rank=r)[0]
         assert first["BLOCK_R"] >= r
-        for split in (1, 2):
-            y = mod.launch(x.to(dev), w, v.to(dev), u.to(dev), {**first, "SPLIT_K": split})
-            assert rel(y.cpu(), ref) < TOL[dtype], (M, split)
+        for split, reduce in ((1, "none"), (2, "atomic"), (2, "serial")):
+            y = mod.launch(x.to(dev), w, v.to(dev), u.to(dev), {**first, "SPLIT_K": split, "REDUCE": reduce})
+            assert rel(y.cpu(), ref) < TOL[dtype], (M, split, reduce)
 
 
 @pytest.mark.parametrize("spec", [(8, 0), (4, 32), (4, 128), (2, 64)])
@@ -350,6 +352,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
             assert "mma" not in ptx, f"{what}: the GEMV kernel should not use tensor-core tiles"
             assert "ld.global.v4.b32" in ptx, f"{what}: no 16-byte loads"
             assert job.config["SPLIT_K"] > 1 and ("red.global" in ptx or "atom.global" in ptx), what
+            if job.config["REDUCE"] == "serial":  # the arrival counter: an acquire-release atomic add
+                assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx), f"{what}: no acq_rel atomic"
+                assert "ld.global.cg" in ptx, f"{what}: partials must be read past L1 (.cg)"
         elif job.arch == "sm_80":
             assert "mma.sync.aligned" in ptx, f"{what}: no mma.sync on sm_80"
         elif job.config["BLOCK_M"] >= 64:

@@ -123,10 +123,13 @@ def gemv_configs(M: int, N: int, K: int, block_k: int, bits: int, sms: int, rank
             want = math.ceil(GEMV_PROGRAMS_PER_SM * sms / programs)
             split = max(1, min(want, k_blocks // 2))
             for s in dict.fromkeys((split, max(1, split // 2))):
-                cfg = {"strategy": "gemv", "BLOCK_M": 1, "BLOCK_N": width, "SPLIT_K": s, "num_warps": warps,
-                       "num_stages": 2, **({"BLOCK_R": br} if rank else {})}
-                if cfg not in out:
-                    out.append(cfg)
+                # split partials meet through a workspace and a semaphore in the one launch ("serial",
+                # first), or by atomic adds into an output zeroed by a second launch ("atomic")
+                for reduce in ("serial", "atomic") if s > 1 else ("none",):
+                    cfg = {"strategy": "gemv", "BLOCK_M": 1, "BLOCK_N": width, "SPLIT_K": s, "REDUCE": reduce,
+                           "num_warps": warps, "num_stages": 2, **({"BLOCK_R": br} if rank else {})}
+                    if cfg not in out:
+                        out.append(cfg)
     return out
 
 
