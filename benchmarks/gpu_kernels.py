@@ -22,7 +22,11 @@ the fewest bytes the form must move (weights, x and y once); both are also given
 the peaks measured at the start of the run (a large device-to-device copy; an 8192^3 fp16 cuBLAS
 product). Every kernel's output is checked against its torch form before it is timed.
 
-    python benchmarks/gpu_kernels.py [--quick] [--m 1 16 128 2048 8192] [--no-write]
+    python benchmarks/gpu_kernels.py [--targets] [--m 1 16 128 2048 8192] [--no-write]
+
+--targets measures only the rows the targets are judged on (low-rank at M = 8192, int4 g128 at
+M = 1, int4 g128 with and without rank 32 on 4096x4096 at every M) and skips attention, so a short
+GPU session gets them first; every run ends with a table of the targets, met or missed.
 """
 from __future__ import annotations
 
@@ -148,6 +152,7 @@ def packed_bytes(w: dict) -> int:
 class Table:
     def __init__(self, bw: float, flops: float) -> None:
         self.rows: list[list[str]] = []
+        self.raw: list[dict] = []  # the numbers behind each row, for the targets
         self.bw, self.flops = bw, flops
 
     def add(self, shape, M, form, ms, dense_ms, unfused_ms, flop, nbytes, err, note="") -> None:
@@ -158,6 +163,8 @@ class Table:
                f"{tflops * 1e12 / self.flops:.0%}", f"{gbs:.0f}", f"{gbs * 1e9 / self.bw:.0%}",
                "" if err is None else f"{err:.1e}", note]
         self.rows.append(row)
+        self.raw.append({"shape": shape, "M": M, "form": form, "ms": ms, "speedup": dense_ms / ms,
+                         "bw_frac": gbs * 1e9 / self.bw})
         print(" | ".join(row), flush=True)
 
     def markdown(self) -> str:
@@ -166,6 +173,36 @@ class Table:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in self.rows]
         return "\n".join(lines) + "\n"
+
+
+def targets_table(table) -> str:
+    """The issue's targets against this run's rows: met, missed, or not measured."""
+    def find(shape, M, form):
+        return next((r for r in table.raw if r["shape"] == shape and r["M"] == M and r["form"] == form), None)
+
+    lines = ["| target | weight | measured | met |", "|---|---|---|---|"]
+
+    def line(what, shape, value, ok):
+        mark = "not measured" if value is None else ("yes" if ok else "**no**")
+        lines.append(f"| {what} | {shape} | {'' if value is None else value} | {mark} |")
+
+    for K, N in SHAPES:
+        shape, d = f"{K}x{N}", min(K, N)
+        for r, want in ((d // 4, 1.8), (d // 8, 3.0)):
+            row = find(shape, 8192, f"low-rank r={r}")
+            line(f"low-rank r = d/{d // r} at M = 8192: >= {want}x cuBLAS fp16", shape,
+                 row and f"{row['speedup']:.2f}x", row and row["speedup"] >= want)
+        row = find(shape, 1, "int4 g128")
+        line("int4 g128 at M = 1: >= 3x fp16 cuBLAS", shape, row and f"{row['speedup']:.2f}x", row and row["speedup"] >= 3)
+        line("int4 g128 at M = 1: >= 70% of peak bandwidth", shape, row and f"{row['bw_frac']:.0%}",
+             row and row["bw_frac"] >= 0.7)
+    shape = "4096x4096"
+    for M in (1, 16, 128, 2048, 8192):
+        fused, alone = find(shape, M, "int4 g128 + r32 fused"), find(shape, M, "int4 g128")
+        ratio = fused and alone and fused["ms"] / alone["ms"]
+        line(f"int4 g128 + rank 32 fused at M = {M}: <= 1.15x int4 alone", shape, ratio and f"{ratio:.2f}x",
+             ratio and ratio <= 1.15)
+    return "\n".join(lines) + "\n"
 
 
 def guarded(table, shape, M, form, fn) -> None:
@@ -200,7 +237,7 @@ def lowrank_row(table, shape, M, x, b, vu, dense) -> None:
     t = rotated(maker(vu, lambda p: kernels.lowrank_linear(x, p[0], p[1], b)), nbytes, M)
     t_unf = rotated(maker(vu, lambda p: F.linear(F.linear(x, p[0]), p[1], b)), nbytes, M)
     table.add(shape, M, f"low-rank r={r}", t, dense, t_unf, 2 * M * r * (K + N), nbytes + 2 * M * (K + N),
-              err, chosen.get("strategy", ""))
+              err, chosen.get("strategy", "") + (" (second pass persistent)" if chosen.get("second", {}).get("PERSISTENT") else ""))
 
 
 def quant_row(table, shape, M, x, wq, spec, dense) -> float:
@@ -340,23 +377,30 @@ def run(args) -> str:
         w = (torch.randn(N, K, device=DEVICE) / K ** 0.5).half()
         b = torch.randn(N, device=DEVICE).half()
         d = min(K, N)
-        quants = [(8, 0), (4, 128)] + ([(4, 32), (4, 64)] if (K, N) == shapes[0] else [])
+        quants = [(8, 0), (4, 128)] + ([(4, 32), (4, 64)] if (K, N) == shapes[0] else []) if not args.targets else [(4, 128)]
         packed = {spec: quantise(w, *spec) for spec in quants}
         low = {r: ((torch.randn(r, K, device=DEVICE) / K ** 0.5).half(),
                    (torch.randn(N, r, device=DEVICE) / r ** 0.5).half()) for r in (d // 4, d // 8, 32)}
+        square = (K, N) == (4096, 4096)
         for M in args.m:
+            # --targets: the rows the targets are judged on (and dense, their baseline), nothing else
+            lowrank_rows = not args.targets or M == 8192
+            int4_rows = not args.targets or M == 1 or square
+            if args.targets and not (lowrank_rows or int4_rows):
+                continue
             x = torch.randn(M, K, device=DEVICE).half()
             io = 2 * (M * K + M * N)
             dense = rotated(maker(w, lambda wi: F.linear(x, wi, b)), 2 * N * K, M)
             table.add(shape, M, "dense fp16 (cuBLAS)", dense, dense, None, 2 * M * K * N, 2 * N * K + io, None)
-            for r in (d // 4, d // 8):
+            for r in (d // 4, d // 8) if lowrank_rows else ():
                 guarded(table, shape, M, f"low-rank r={r}", lambda r=r: lowrank_row(table, shape, M, x, b, low[r], dense))
             times = {}
-            for spec in quants:
+            for spec in quants if not args.targets else ([(4, 128)] if int4_rows else []):
                 guarded(table, shape, M, f"int{spec[0]} g{spec[1]}",
                         lambda spec=spec: times.__setitem__(spec, quant_row(table, shape, M, x, packed[spec], spec, dense)))
-            guarded(table, shape, M, "block-sparse + r64", lambda: sparse_row(table, shape, M, x, b, dense))
-            if (4, 128) in times:
+            if not args.targets:
+                guarded(table, shape, M, "block-sparse + r64", lambda: sparse_row(table, shape, M, x, b, dense))
+            if (4, 128) in times and (not args.targets or square):
                 guarded(table, shape, M, "int4 g128 + r32", lambda: quant_lowrank_row(table, shape, M, x, packed[(4, 128)],
                                                                                        low[32], dense, times[(4, 128)]))
         print(f"[{time.time() - started:.0f}s] {shape} done", flush=True)
@@ -364,9 +408,11 @@ def run(args) -> str:
               f"torch {torch.__version__}, triton {__import__('triton').__version__}. 'vs cuBLAS' and 'vs unfused "
               "torch' are speed-ups (their time / lrcc's); 'of peak' fractions are of the measured peaks.\n\n")
     attention = ""
-    if not args.no_attention:
+    if not args.no_attention and not args.targets:
         attention = "\nLinear attention, fp16 (times by do_bench):\n\n" + attention_table(bw, peak)
-    return header + table.markdown() + attention
+    targets = "\nTargets, from the rows above:\n\n" + targets_table(table)
+    print(targets, flush=True)
+    return header + table.markdown() + attention + targets
 
 
 def main() -> None:
@@ -378,6 +424,7 @@ def main() -> None:
                     "writes the docs")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--no-attention", action="store_true", help="skip the linear-attention table")
+    ap.add_argument("--targets", action="store_true", help="only the rows the targets are judged on (see above)")
     ap.add_argument("--out", type=Path, help="also write the section's markdown here")
     args = ap.parse_args()
     global DEVICE

@@ -12,5 +12,8 @@ XDIST=""
 python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q $XDIST -p no:cacheprovider tests/test_triton_kernels.py \
   tests/test_gpu_target.py tests/test_triton_attention.py tests/test_triton_sparse.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+# the rows the targets are judged on first (a few minutes), so a short session has them; then everything
+timeout "${TARGETS_TIMEOUT:-180}" python3 benchmarks/gpu_kernels.py --targets --no-write --out "$OUT/targets.md" 2>&1 \
+  | tee "$OUT/targets.log" | tail -25
 timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_section.md" "$@" 2>&1 | tee "$OUT/bench.log"
 cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null || true

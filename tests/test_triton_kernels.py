@@ -252,6 +252,27 @@ def test_matmul_kernel_matches_reference() -> None:
     assert rel(mod.launch(x2, w2, b, cfg), F.linear(x2, w2, b)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_persistent_matmul_sweeps_several_tiles_per_program(dtype) -> None:
+    """Fewer programs than tiles: each program runs its tiles' K steps as one loop, storing at every
+    tile's last step; ragged M, N and K."""
+    x, _, _, b = _lowrank_case(45, 70, 33, 12, dtype)
+    w = torch.randn(33, 70, generator=torch.Generator().manual_seed(3)).to(x.device, dtype)
+    mod = kernels.kernel("matmul_persistent")
+    ref = F.linear(x.float(), w.float(), b.float())
+    for programs in (1, 3, 64):  # one program for every tile, a few, more than the tiles
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "PROGRAMS": programs,
+               "num_warps": 4, "num_stages": 3}
+        assert rel(mod.launch(x, w, b, cfg), ref) < TOL[dtype], programs
+    # and as the second pass of a large-rank low-rank layer
+    M, K, N, R = 21, 150, 40, configs.FUSED_MAX_RANK + 9
+    x, v, u, b = _lowrank_case(M, K, N, R, dtype)
+    cfg = next(c for c in configs.lowrank_configs(M, N, K, R, sms=2) if c.get("second", {}).get("PERSISTENT"))
+    y = kernels.matmul(kernels.matmul(x, v, None, cfg["first"]), u, b, cfg["second"])
+    ref = F.linear(F.linear(x.float(), v.float()).to(dtype).float(), u.float(), b.float())
+    assert rel(y, ref) < TOL[dtype]
+
+
 # --- bad input ----------------------------------------------------------------------------------
 def test_decode_shapes_split_k_to_fill_the_gpu() -> None:
     """Small M streams the weights: K is split until there are enough programs for every SM."""
@@ -317,6 +338,8 @@ def _jobs() -> list[tuple[str, AotJob]]:
                              AotJob("quant_matmul", {**q, "BITS": 4, "BLOCK_K": 128}, arch, flags={"lowrank": lowrank})))
         # a layer whose widths are not multiples of 16: compiled without the alignment the JIT
         # would not assume either
+        jobs.append(("matmul_persistent prefill", AotJob("matmul_persistent", {**configs.matmul_configs(2048, N, 128, sms=132)[0],
+                                                                             "PROGRAMS": 132}, arch)))
         jobs.append(("matmul at unaligned sizes", AotJob("matmul", configs.matmul_configs(2048, N, K, sms=132)[0], arch,
                                                          aligned=False)))
         prefill = configs.quant_configs(2048, N, K, 128, sms=132, bits=4)[0]
@@ -362,7 +385,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
             assert "wgmma.mma_async" in ptx, f"{what}: no wgmma on sm_90"
         else:
             assert "mma.sync.aligned" in ptx, f"{what}: no tensor-core mma on sm_90"
-        if "prefill" in what and job.template in ("matmul", "lowrank_linear", "quant_matmul"):
+        if "prefill" in what and job.template in ("matmul", "matmul_persistent", "lowrank_linear", "quant_matmul"):
             # at aligned sizes (model widths), the K loop is software-pipelined: asynchronous copies
             # to shared memory tiles ahead of the tensor cores, as the JIT compiles it on a GPU
             assert "cp.async" in ptx, f"{what}: K loop not pipelined"

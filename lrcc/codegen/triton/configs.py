@@ -101,6 +101,11 @@ def lowrank_configs(M: int, N: int, K: int, R: int, sms: int) -> list[dict]:
     second = matmul_configs(M, N, R, sms)
     for a, b in zip(first, second):
         out.append({"strategy": "two_pass", "first": a, "second": b})
+    if M > SMALL_M:
+        # the second product's K is the rank, a short loop: also offered persistent (one program per
+        # SM, one pipeline across its tiles; matmul_persistent.py.j2) with the first two tile shapes
+        for a, b in list(zip(first, second))[:2]:
+            out.append({"strategy": "two_pass", "first": a, "second": {**b, "PERSISTENT": True, "PROGRAMS": sms}})
     return out
 
 

@@ -25,8 +25,9 @@ def launches(call: dict[str, Any], M: int, sms: int) -> list[tuple[str, dict, di
         if cfg["strategy"] == "fused":
             return [("lowrank_linear", {}, {**{k: v for k, v in cfg.items() if k != "strategy"},
                                            "EVEN_K": s["K"] % cfg["BLOCK_K"] == 0})]
+        second = "matmul_persistent" if cfg["second"].get("PERSISTENT") else "matmul"
         return [("matmul", {}, {**cfg["first"], "EVEN_K": s["K"] % cfg["first"]["BLOCK_K"] == 0}),
-                ("matmul", {}, {**cfg["second"], "EVEN_K": s["R"] % cfg["second"]["BLOCK_K"] == 0})]
+                (second, {}, {**cfg["second"], "EVEN_K": s["R"] % cfg["second"]["BLOCK_K"] == 0})]
     if call["template"] == "quant_matmul":
         cfg = configs.quant_configs(M, s["N"], s["K"], s["BLOCK_K"], sms, s["R"], bits=s["BITS"])[0]
         if cfg["strategy"] == "dequant_matmul":

@@ -94,6 +94,11 @@ def _rows(x: torch.Tensor, k: int, where: str) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
+    """y = x w^T + bias with matmul.py.j2, or matmul_persistent.py.j2 where cfg says PERSISTENT."""
+    return kernel("matmul_persistent" if cfg.get("PERSISTENT") else "matmul").launch(x, w, bias, cfg)
+
+
 def lowrank_linear(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
                    where: str = "low-rank layer") -> torch.Tensor:
     """y = (x v^T) u^T + bias with the fused kernel (or two matmul passes for large ranks)."""
@@ -111,8 +116,7 @@ def lowrank_linear(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torc
     def run(cfg: dict) -> torch.Tensor:
         if cfg["strategy"] == "fused":
             return kernel("lowrank_linear").launch(x2, v, u, bias, cfg)
-        mm = kernel("matmul")
-        return mm.launch(mm.launch(x2, v, None, cfg["first"]), u, bias, cfg["second"])
+        return matmul(matmul(x2, v, None, cfg["first"]), u, bias, cfg["second"])
 
     cfg = tune(("lowrank_linear", _bucket(M), N, K, R, x2.dtype), cands, run, x2.device)
     return run(cfg).reshape(*x.shape[:-1], N)
