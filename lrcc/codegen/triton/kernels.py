@@ -63,20 +63,25 @@ def _bucket(M: int) -> int:
 
 
 def tune(key: tuple, candidates: Callable[[], list[dict]], run: Callable[[dict], torch.Tensor],
-         device: torch.device) -> dict:
+         device: torch.device, graphs: bool = False) -> dict:
     """The fastest candidate config for `key` on a GPU (timed once, then cached); the first
-    candidate elsewhere, or with LRCC_AUTOTUNE=0."""
+    candidate elsewhere, or with LRCC_AUTOTUNE=0. graphs: time replays of a CUDA graph instead of
+    launches (for calls of a few microseconds, whose launch overhead would otherwise decide, and
+    would favour configs with fewer launches rather than faster ones)."""
     if key in _TUNED:
         return _TUNED[key]
     candidates = candidates()
     if device.type != "cuda" or len(candidates) == 1 or os.environ.get("LRCC_AUTOTUNE", "1") == "0":
         _TUNED[key] = candidates[0]
         return candidates[0]
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
     best, best_ms = None, float("inf")
     for cfg in candidates:
         try:
-            ms = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+            if graphs:  # its first call, outside the capture, compiles the kernel (and fails there if it must)
+                ms = do_bench_cudagraph(lambda: run(cfg), rep=20, return_mode="median")
+            else:
+                ms = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
         except Exception:  # a config that does not fit this GPU (shared memory, registers): skip it
             continue
         if ms < best_ms:
@@ -118,7 +123,7 @@ def lowrank_linear(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torc
             return kernel("lowrank_linear").launch(x2, v, u, bias, cfg)
         return matmul(matmul(x2, v, None, cfg["first"]), u, bias, cfg["second"])
 
-    cfg = tune(("lowrank_linear", _bucket(M), N, K, R, x2.dtype), cands, run, x2.device)
+    cfg = tune(("lowrank_linear", _bucket(M), N, K, R, x2.dtype), cands, run, x2.device, graphs=M <= configs.SMALL_M)
     return run(cfg).reshape(*x.shape[:-1], N)
 
 
@@ -153,7 +158,7 @@ def quant_linear(x: torch.Tensor, w: dict[str, Any], v: torch.Tensor | None = No
         return mod.launch(x2, w, v, u, cfg) if lowrank else mod.launch(x2, w, cfg)
 
     cfg = tune(("quant_matmul", lowrank, w["bits"], w["group"], _bucket(M), N, K, rank, x2.dtype), cands, run,
-               x2.device)
+               x2.device, graphs=M <= configs.SMALL_M)
     return run(cfg).reshape(*x.shape[:-1], N)
 
 

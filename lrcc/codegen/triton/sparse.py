@@ -18,7 +18,7 @@ from torch import nn
 
 from ...errors import LrccError
 from . import kernels
-from .configs import PROGRAMS_PER_SM, matmul_configs, pow2
+from .configs import PROGRAMS_PER_SM, SMALL_M, matmul_configs, pow2
 
 MIN_BLOCK = 16           # smallest extent of a tensor-core product (tl.dot) along K and N
 DEFAULT_BLOCK = (16, 16)  # (block_k, block_n): the rule's sparse_block (16, 16) gives exactly these blocks
@@ -196,7 +196,7 @@ def run(x: torch.Tensor, w: SparseLowRank, config: dict[str, Any] | None = None)
     if config is None:
         cands = lambda: sparse_candidates(M, w.m, w.n, w.r, w.block_k, w.block_n, kernels.sm_count(x.device))
         key = ("sparse_lowrank_linear", kernels._bucket(M), w.m, w.n, w.r, w.block_k, w.block_n, x.dtype)
-        config = kernels.tune(key, cands, lambda cfg: _launch(x2, w, cfg), x.device)
+        config = kernels.tune(key, cands, lambda cfg: _launch(x2, w, cfg), x.device, graphs=M <= SMALL_M)
     sparse = config["sparse"] if config.get("strategy") == "two_pass" else config
     if (sparse["BLOCK_K"], sparse["BLOCK_N"]) != (w.block_k, w.block_n) or sparse["BLOCK_R"] < w.r:
         raise LrccError(f"sparse + low-rank kernel: config BLOCK_K={sparse['BLOCK_K']}, BLOCK_N={sparse['BLOCK_N']}, "
