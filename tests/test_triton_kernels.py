@@ -224,7 +224,8 @@ def test_quant_layers_take_the_gemv_kernel_for_a_few_rows_and_tensor_cores_above
     for M in range(1, configs.GEMV_MAX_M + 1):
         assert configs.quant_configs(M, 4096, 4096, 128, sms=132, bits=4)[0]["strategy"] == "gemv"
     cands = configs.quant_configs(configs.GEMV_MAX_M + 1, 4096, 4096, 128, sms=132, bits=4)
-    assert {c["strategy"] for c in cands} == {"mma"}
+    assert cands[0]["strategy"] == "mma" and {c["strategy"] for c in cands} == {"mma", "gemv"}  # GEMV still offered
+    assert {c["strategy"] for c in configs.quant_configs(configs.SMALL_M + 1, 4096, 4096, 128, sms=132, bits=4)} == {"mma"}
     # both kernels are offered at M <= GEMV_MAX_M, so autotuning on a GPU can keep either
     assert {c["strategy"] for c in configs.quant_configs(1, 4096, 4096, 128, sms=132, bits=4)} == {"gemv", "mma"}
     # many rows: dequantise-then-matmul first, the fused kernel still offered; not with a low-rank branch

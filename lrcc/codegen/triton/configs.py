@@ -22,7 +22,10 @@ MIN_TILE = 16
 SMALL_M = 16        # at or below: weight-streaming (GEMV-shaped) configs
 FUSED_MAX_RANK = 128  # widest rank-r intermediate a program keeps in registers (BLOCK_M x BLOCK_R fp32)
 PROGRAMS_PER_SM = 2
-GEMV_MAX_M = 4      # at or below: the quantised GEMV kernel is offered (one row per program)
+# At or below: the quantised GEMV kernel (one row per program) is offered first. Up to SMALL_M it is
+# still offered, after the 16-row tensor-core tile: its rows after the first re-read the weights
+# from L2, which autotuning weighs against the tile's padding.
+GEMV_MAX_M = 4
 # Elements of the [SUB, BLOCK_N] slab per thread in the GEMV kernel. Each costs about three
 # registers at once (the fp32 accumulator, the dequantised weight, its share of the packed byte):
 # ptxas gives 238 registers per thread at 64 elements (int4, sm_90, Triton 3.9: 2 programs of 4
@@ -110,9 +113,9 @@ def lowrank_configs(M: int, N: int, K: int, R: int, sms: int) -> list[dict]:
 
 
 def gemv_configs(M: int, N: int, K: int, block_k: int, bits: int, sms: int, rank: int = 0) -> list[dict]:
-    """Configs for quant_gemv.py.j2 (M <= GEMV_MAX_M, one row per program; BLOCK_K is fixed by the
+    """Configs for quant_gemv.py.j2 (M <= SMALL_M, one row per program; BLOCK_K is fixed by the
     packed layout, SUB = BLOCK_K * bits / 8 rows per dequantised sub-tile)."""
-    if M > GEMV_MAX_M:
+    if M > SMALL_M:
         return []
     sub = block_k * bits // 8
     br = pow2(rank) if rank else 0
@@ -140,12 +143,13 @@ def gemv_configs(M: int, N: int, K: int, block_k: int, bits: int, sms: int, rank
 
 def quant_configs(M: int, N: int, K: int, block_k: int, sms: int, rank: int = 0, *, bits: int) -> list[dict]:
     """Configs for the quantised layer (BLOCK_K is fixed by the packed layout); "strategy" says which
-    kernels: "gemv" (quant_gemv.py.j2, first where M <= GEMV_MAX_M), "dequant_matmul"
+    kernels: "gemv" (quant_gemv.py.j2, first where M <= GEMV_MAX_M, last up to SMALL_M), "dequant_matmul"
     (dequantize.py.j2 then matmul.py.j2, first where M >= DEQUANT_MIN_M; with a low-rank branch,
     t = x V^T by matmul.py.j2 in between), "mma" (the fused tensor-core kernel, quant_matmul.py.j2)."""
     k_blocks = math.ceil(K / block_k)
     extra = {"BLOCK_R": pow2(rank)} if rank else {}
-    out = gemv_configs(M, N, K, block_k, bits, sms, rank)
+    gemv = gemv_configs(M, N, K, block_k, bits, sms, rank)
+    out = gemv if M <= GEMV_MAX_M else []
     if M >= DEQUANT_MIN_M:
         dequant = {"BLOCK_N": DEQUANT_BLOCK_N, "num_warps": 4, "num_stages": 1}
         # with a low-rank branch, t = x V^T first (a thin product), then one matmul adds t U^T
@@ -167,4 +171,6 @@ def quant_configs(M: int, N: int, K: int, block_k: int, sms: int, rank: int = 0,
                    "num_warps": warps, "num_stages": stages, **extra}
             if cfg not in out:
                 out.append(cfg)
+    if GEMV_MAX_M < M <= SMALL_M:
+        out += gemv[:4]  # after the tensor-core tile: see GEMV_MAX_M
     return out
