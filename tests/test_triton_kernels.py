@@ -86,6 +86,18 @@ def _quant_case(m, n, spec, awq=False, seed=0):
     return packed, w_ref, bias
 
 
+def _quant_lowrank_case(m, n, r, spec, dtype, seed):
+    """A packed quantised weight on the test device (bias in `dtype`), its float weight and bias, and
+    a rank-r branch v (r x n), u (m x r) in `dtype`."""
+    packed, w_ref, bias = _quant_case(m, n, spec)
+    gen = torch.Generator().manual_seed(seed)
+    v = (torch.randn(r, n, generator=gen) / 10).to(dtype)
+    u = (torch.randn(m, r, generator=gen) / 3).to(dtype)
+    w = {k: (t.to(device()) if isinstance(t, torch.Tensor) else t) for k, t in packed.items()}
+    w["bias"] = w["bias"].to(dtype)
+    return w, w_ref, bias, v, u, gen
+
+
 def test_packed_layout_round_trips() -> None:
     for spec in SPECS:
         packed, w_ref, _ = _quant_case(24, 150, spec, awq=spec == (4, 64))
@@ -117,12 +129,8 @@ def test_quant_matmul_matches_reference(spec, dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_quant_lowrank_matches_reference(spec, dtype) -> None:
     m, n, r = 33, 100, 12
-    packed, w_ref, bias = _quant_case(m, n, spec)
-    gen = torch.Generator().manual_seed(1)
-    v = (torch.randn(r, n, generator=gen) / 10).to(dtype)
-    u = (torch.randn(m, r, generator=gen) / 3).to(dtype)
+    w, w_ref, bias, v, u, gen = _quant_lowrank_case(m, n, r, spec, dtype, seed=1)
     dev = device()
-    w = {k: (t.to(dev) if isinstance(t, torch.Tensor) else t) for k, t in packed.items()}
     for M in (2, 19):
         x = torch.randn(M, n, generator=gen).to(dtype)
         t = F.linear(x.float(), v.float()).to(dtype).float()
@@ -158,19 +166,14 @@ def test_quant_gemv_matches_reference(spec, dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_quant_lowrank_gemv_matches_reference(spec, dtype) -> None:
     m, n, r = 33, 260, 12
-    packed, w_ref, bias = _quant_case(m, n, spec)
-    gen = torch.Generator().manual_seed(2)
-    v = (torch.randn(r, n, generator=gen) / 10).to(dtype)
-    u = (torch.randn(m, r, generator=gen) / 3).to(dtype)
+    w, w_ref, bias, v, u, gen = _quant_lowrank_case(m, n, r, spec, dtype, seed=2)
     dev = device()
-    w = {k: (t.to(dev) if isinstance(t, torch.Tensor) else t) for k, t in packed.items()}
-    w["bias"] = w["bias"].to(dtype)
     mod = kernels.kernel("quant_gemv", lowrank=True)
     for M in (1, 2):
         x = torch.randn(M, n, generator=gen).to(dtype)
         t = F.linear(x.float(), v.float()).to(dtype).float()
         ref = F.linear(x.float(), w_ref.to(dtype).float(), bias.to(dtype).float()) + F.linear(t, u.float())
-        first = configs.gemv_configs(M, m, n, packed["block_k"], spec[0], sms=8, rank=r)[0]
+        first = configs.gemv_configs(M, m, n, w["block_k"], spec[0], sms=8, rank=r)[0]
         assert first["BLOCK_R"] >= r
         for split, reduce in ((1, "none"), (2, "atomic"), (2, "serial")):
             y = mod.launch(x.to(dev), w, v.to(dev), u.to(dev), {**first, "SPLIT_K": split, "REDUCE": reduce})
@@ -205,14 +208,9 @@ def test_dequantize_then_matmul_matches_reference(spec, dtype) -> None:
 def test_dequantize_then_matmul_with_a_low_rank_branch(dtype) -> None:
     """Many rows with a low-rank branch: W dequantised once, t = x V^T, then one matmul adds t U^T."""
     m, n, r = 33, 100, 12
-    packed, w_ref, bias = _quant_case(m, n, (4, 32))
-    gen = torch.Generator().manual_seed(4)
-    v = (torch.randn(r, n, generator=gen) / 10).to(dtype)
-    u = (torch.randn(m, r, generator=gen) / 3).to(dtype)
-    w = {k: (t.to(device()) if isinstance(t, torch.Tensor) else t) for k, t in packed.items()}
-    w["bias"] = w["bias"].to(dtype)
+    w, w_ref, bias, v, u, gen = _quant_lowrank_case(m, n, r, (4, 32), dtype, seed=4)
     M = configs.DEQUANT_MIN_M
-    assert configs.quant_configs(M, m, n, packed["block_k"], sms=8, rank=r, bits=4)[0]["strategy"] == "dequant_matmul"
+    assert configs.quant_configs(M, m, n, w["block_k"], sms=8, rank=r, bits=4)[0]["strategy"] == "dequant_matmul"
     x = torch.randn(M, n, generator=gen).to(dtype)
     t = F.linear(x.float(), v.float()).to(dtype).float()
     ref = F.linear(x.float(), w_ref.to(dtype).float(), bias.to(dtype).float()) + F.linear(t, u.float())
