@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: the kernel tests on the GPU, then the rows the targets are judged on, then
-# the whole kernel benchmark, which
-# rewrites the GPU section of docs/benchmarks.md. Logs go to $OUT when it is set (else ./gpu-out).
+# the whole kernel benchmark, which rewrites the GPU section of docs/benchmarks.md. Logs go to $OUT
+# when it is set (else ./gpu-out).
 # The default time limits (180 + 180 + 200 s) fit one 10-minute command; the full benchmark prints
 # its rows as it goes (bench.log) and, cut short, leaves the docs as they were.
 set -uo pipefail
