@@ -69,10 +69,9 @@ def _compile_one(job: dict[str, Any]) -> dict[str, Any]:
     # pointers 16-byte aligned, as torch allocates them (what the JIT specialises on at launch)
     # and, for an aligned job, the strides and the sizes a template names in AOT_DIVISIBLE multiples
     # of 16, as the JIT specialises them when a GPU launch passes sizes like 4096
-    sizes = set(getattr(module, "AOT_DIVISIBLE", ())) if job.get("aligned", True) else set()
+    aligned, sizes = job.get("aligned", True), set(getattr(module, "AOT_DIVISIBLE", ()))
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
-             if ty.startswith("*") or (ty == "i32" and (name in sizes or (job.get("aligned", True)
-                                                                          and name.startswith("stride_"))))}
+             if ty.startswith("*") or (aligned and ty == "i32" and (name in sizes or name.startswith("stride_")))}
     target = GPUTarget("cuda", parse_arch(job["arch"]), 32)
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({"num_warps": config["num_warps"], "num_stages": config["num_stages"]})

@@ -53,9 +53,9 @@ def pow2(n: int, lo: int = MIN_TILE, hi: int | None = None) -> int:
     return min(p, hi) if hi else p
 
 
-def _split_k(programs: int, k_blocks: int, sms: int) -> int:
-    """K splits that bring the program count to PROGRAMS_PER_SM per SM, keeping >= 2 blocks each."""
-    want = math.ceil(PROGRAMS_PER_SM * sms / max(programs, 1))
+def split_k(programs: int, k_blocks: int, sms: int, per_sm: int = PROGRAMS_PER_SM) -> int:
+    """K splits that bring the program count to per_sm per SM, keeping >= 2 blocks each."""
+    want = math.ceil(per_sm * sms / max(programs, 1))
     return max(1, min(want, k_blocks // 2))
 
 
@@ -127,9 +127,7 @@ def gemv_configs(M: int, N: int, K: int, block_k: int, bits: int, sms: int, rank
         bn = GEMV_TILE_PER_THREAD * threads // sub - br
         bn = max(MIN_TILE, min(1 << max(bn, 1).bit_length() - 1, pow2(N, hi=512)))
         for width in (bn, max(MIN_TILE, bn // 2)):
-            programs = math.ceil(N / width) * M
-            want = math.ceil(GEMV_PROGRAMS_PER_SM * sms / programs)
-            split = max(1, min(want, k_blocks // 2))
+            split = split_k(math.ceil(N / width) * M, k_blocks, sms, GEMV_PROGRAMS_PER_SM)
             for s in dict.fromkeys((split, max(1, split // 2))):
                 # split partials meet through a workspace and a semaphore in the one launch ("serial",
                 # first), or by atomic adds into an output zeroed by a second launch ("atomic")
@@ -165,7 +163,7 @@ def quant_configs(M: int, N: int, K: int, block_k: int, sms: int, rank: int = 0,
     for bm, bn, warps, stages in shapes:
         bm, bn = min(bm, pow2(M, hi=128)), min(bn, pow2(N, hi=256))
         programs = math.ceil(M / bm) * math.ceil(N / bn)
-        splits = (_split_k(programs, k_blocks, sms), 1) if M <= SMALL_M else (1,)
+        splits = (split_k(programs, k_blocks, sms), 1) if M <= SMALL_M else (1,)
         for split in splits:
             cfg = {"strategy": "mma", "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split, "GROUP_M": 8,
                    "num_warps": warps, "num_stages": stages, **extra}

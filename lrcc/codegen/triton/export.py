@@ -17,31 +17,33 @@ SMS = {80: 108, 86: 84, 89: 128, 90: 132}  # streaming multiprocessors: A100, A1
 TOKENS = {"decode": 1, "prefill": 2048}     # the row counts a saved kernel set is specialised for
 
 
+def _even_k(cfg: dict[str, Any], k: int) -> dict[str, Any]:
+    """cfg with EVEN_K: whether its K steps tile k exactly (the loads then drop their K mask)."""
+    return {**cfg, "EVEN_K": k % cfg["BLOCK_K"] == 0}
+
+
 def launches(call: dict[str, Any], M: int, sms: int) -> list[tuple[str, dict, dict]]:
     """(template, flags, config) of the kernels one site launches for M rows, heuristic configs."""
     s = call["shape"]
     if call["template"] == "lowrank_linear":
         cfg = configs.lowrank_configs(M, s["N"], s["K"], s["R"], sms)[0]
         if cfg["strategy"] == "fused":
-            return [("lowrank_linear", {}, {**{k: v for k, v in cfg.items() if k != "strategy"},
-                                           "EVEN_K": s["K"] % cfg["BLOCK_K"] == 0})]
+            return [("lowrank_linear", {}, _even_k({k: v for k, v in cfg.items() if k != "strategy"}, s["K"]))]
         second = "matmul_persistent" if cfg["second"].get("PERSISTENT") else "matmul"
-        return [("matmul", {}, {**cfg["first"], "EVEN_K": s["K"] % cfg["first"]["BLOCK_K"] == 0}),
-                (second, {}, {**cfg["second"], "EVEN_K": s["R"] % cfg["second"]["BLOCK_K"] == 0})]
+        return [("matmul", {}, _even_k(cfg["first"], s["K"])), (second, {}, _even_k(cfg["second"], s["R"]))]
     if call["template"] == "quant_matmul":
         cfg = configs.quant_configs(M, s["N"], s["K"], s["BLOCK_K"], sms, s["R"], bits=s["BITS"])[0]
         if cfg["strategy"] == "dequant_matmul":
             out = [("dequantize", {}, {**cfg["dequant"], "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]})]
             if s["R"]:
-                out.append(("matmul", {}, {**cfg["first"], "EVEN_K": s["K"] % cfg["first"]["BLOCK_K"] == 0}))
-            even = s["K"] % cfg["matmul"]["BLOCK_K"] == 0
-            return out + [("matmul", {"lowrank": True} if s["R"] else {}, {**cfg["matmul"], "W_LAYOUT": "kn", "EVEN_K": even})]
+                out.append(("matmul", {}, _even_k(cfg["first"], s["K"])))
+            return out + [("matmul", {"lowrank": True} if s["R"] else {}, _even_k({**cfg["matmul"], "W_LAYOUT": "kn"}, s["K"]))]
         template = "quant_gemv" if cfg["strategy"] == "gemv" else "quant_matmul"
         return [(template, call["flags"], {**cfg, "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]})]
     if call["template"] == "sparse_lowrank_linear":
         cfg = call["config"](M, sms)
         if cfg.get("strategy") == "two_pass":  # t = x V^T first, then the sparse kernel reading it
-            return [("matmul", {}, {**cfg["t"], "EVEN_K": s["K"] % cfg["t"]["BLOCK_K"] == 0}),
+            return [("matmul", {}, _even_k(cfg["t"], s["K"])),
                     ("sparse_lowrank_linear", call["flags"], cfg["sparse"])]
         return [("sparse_lowrank_linear", call["flags"], {k: v for k, v in cfg.items() if k != "strategy"})]
     raise LrccError(f"no kernel launch plan for template {call['template']!r}")

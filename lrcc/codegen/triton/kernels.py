@@ -151,8 +151,8 @@ def quant_linear(x: torch.Tensor, w: dict[str, Any], v: torch.Tensor | None = No
         if cfg["strategy"] == "dequant_matmul":
             wt = kernel("dequantize").launch(w, x2.dtype, cfg["dequant"])  # W^T, K x N
             if not lowrank:
-                return kernel("matmul").launch(x2, wt.t(), w["bias"], cfg["matmul"])
-            t = kernel("matmul").launch(x2, v, None, cfg["first"])
+                return matmul(x2, wt.t(), w["bias"], cfg["matmul"])
+            t = matmul(x2, v, None, cfg["first"])
             return kernel("matmul", lowrank=True).launch(x2, wt.t(), w["bias"], cfg["matmul"], t, u)
         mod = kernel("quant_gemv" if cfg["strategy"] == "gemv" else "quant_matmul", lowrank=lowrank)
         return mod.launch(x2, w, v, u, cfg) if lowrank else mod.launch(x2, w, cfg)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ...errors import LrccError
 from . import kernels
-from .configs import PROGRAMS_PER_SM, SMALL_M, matmul_configs, pow2
+from .configs import PROGRAMS_PER_SM, SMALL_M, matmul_configs, pow2, split_k
 
 MIN_BLOCK = 16           # smallest extent of a tensor-core product (tl.dot) along K and N
 DEFAULT_BLOCK = (16, 16)  # (block_k, block_n): the rule's sparse_block (16, 16) gives exactly these blocks
@@ -164,8 +164,7 @@ def sparse_candidates(M: int, N: int, K: int, R: int, block_k: int = DEFAULT_BLO
     fused = {"strategy": "fused", **sparse_config(M, N, K, R, block_k, block_n, sms)}
     t_cfg = dict(matmul_configs(M, R, K, sms)[0])
     programs = -(-M // t_cfg["BLOCK_M"]) * -(-R // t_cfg["BLOCK_N"])
-    k_blocks = -(-K // t_cfg["BLOCK_K"])
-    t_cfg["SPLIT_K"] = max(1, min(-(-PROGRAMS_PER_SM * sms // programs), k_blocks // 2))
+    t_cfg["SPLIT_K"] = split_k(programs, -(-K // t_cfg["BLOCK_K"]), sms)
     sparse = {**sparse_config(M, N, K, R, block_k, block_n, sms), "N_SPLIT": -(-N // block_n), "HAS_T": True}
     two_pass = {"strategy": "two_pass", "t": t_cfg, "sparse": sparse}
     return [fused, two_pass] if fused["N_SPLIT"] == 1 else [two_pass, fused]
@@ -210,8 +209,7 @@ def _launch(x2: torch.Tensor, w: SparseLowRank, config: dict[str, Any]) -> torch
     sparse_candidates (either strategy)."""
     if config.get("strategy") != "two_pass":
         return _kernel().launch(x2, w.v, w.u, w.block_ptr, w.block_idx, w.blocks, w.bias, config)
-    v = w.v if w.v.dtype == x2.dtype else w.v.to(x2.dtype)
-    t = kernels.kernel("matmul").launch(x2, v, None, config["t"])  # x V^T: fp32 when split over K
+    t = kernels.matmul(x2, w.v, None, config["t"])  # x V^T: fp32 when split over K
     return _kernel().launch(x2, w.v, w.u, w.block_ptr, w.block_idx, w.blocks, w.bias, config["sparse"], t)
 
 
