@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lrcc.codegen.triton import configs, kernels
-from lrcc.codegen.triton.aot import AotJob, compile_many
+from lrcc.codegen.triton.aot import AotJob, compile_many, loop_opcodes
 from lrcc.codegen.triton.layout import pack_for_kernel
 from lrcc.errors import LrccError
 from lrcc.rewrites.quantize import QuantSpec, dequantize, quantize_rtn
@@ -139,27 +139,30 @@ def test_fused_quant_lowrank_matches_reference(spec, dtype) -> None:
         assert rel(y.cpu(), ref) < TOL[dtype], M
 
 
-@pytest.mark.parametrize("spec", SPECS)
+# (8, 128): a group spans two K blocks (each block scaled on its own, SCALE_AT 1)
+@pytest.mark.parametrize("spec", SPECS + [(8, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_quant_gemv_matches_reference(spec, dtype) -> None:
     """The decode kernel (CUDA-core GEMV, one row per program), whole K and split K: splits add into
     the output atomically (fp16 / fp32 directly, bf16 through an fp32 buffer)."""
-    m, n = 40, 300  # 300 input features: several K blocks to split, and a masked tail
-    packed, w_ref, bias = _quant_case(m, n, spec, awq=spec == (4, 64))
-    dev = device()
-    w = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
-    w["bias"] = w["bias"].to(dtype)
+    m = 40
     mod = kernels.kernel("quant_gemv", lowrank=False)
     tol = 2e-2 if dtype == torch.bfloat16 else TOL[dtype]
-    for M in (1, 3):
-        x = torch.randn(M, n, generator=torch.Generator().manual_seed(M)).to(dev, dtype)
-        ref = F.linear(x.float(), w_ref.to(dev).to(dtype).float(), bias.to(dev).to(dtype).float())
-        first = configs.gemv_configs(M, m, n, packed["block_k"], spec[0], sms=8)[0]
-        for split, reduce in ((1, "none"), (3, "atomic"), (3, "serial"), (2, "serial")):
-            for _ in range(2):  # twice: the serial reduction's counters must be back at zero
-                y = mod.launch(x, w, {**first, "SPLIT_K": split, "REDUCE": reduce})
-                assert y.dtype == dtype and y.shape == (M, m)
-                assert rel(y, ref) < tol, (M, split, reduce)
+    dev = device()
+    # 300 input features: several K blocks to split, and a masked tail; 512: whole blocks (EVEN_K)
+    for n in (300, 512):
+        packed, w_ref, bias = _quant_case(m, n, spec, awq=spec == (4, 64))
+        w = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+        w["bias"] = w["bias"].to(dtype)
+        for M in (1, 3):
+            x = torch.randn(M, n, generator=torch.Generator().manual_seed(M)).to(dev, dtype)
+            ref = F.linear(x.float(), w_ref.to(dev).to(dtype).float(), bias.to(dev).to(dtype).float())
+            first = configs.gemv_configs(M, m, n, packed["block_k"], spec[0], sms=8)[0]
+            for split, reduce in ((1, "none"), (3, "atomic"), (3, "serial"), (2, "serial")):
+                for _ in range(2):  # twice: the serial reduction's counters must be back at zero
+                    y = mod.launch(x, w, {**first, "SPLIT_K": split, "REDUCE": reduce})
+                    assert y.dtype == dtype and y.shape == (M, m)
+                    assert rel(y, ref) < tol, (n, M, split, reduce)
 
 
 @pytest.mark.parametrize("spec", [(4, 32), (8, 0)])
@@ -275,6 +278,10 @@ def test_persistent_matmul_sweeps_several_tiles_per_program(dtype) -> None:
 # --- bad input ----------------------------------------------------------------------------------
 def test_decode_shapes_split_k_to_fill_the_gpu() -> None:
     """Small M streams the weights: K is split until there are enough programs for every SM."""
+    launcher = kernels.kernel("quant_gemv", lowrank=False)
+    for group, K, block_k, want in ((4160, 4096, 64, 0), (128, 4096, 128, 1), (128, 4096, 64, 1), (32, 4096, 64, 2),
+                                    (64, 4096, 128, 2)):
+        assert configs.gemv_scale_at(group, K, block_k) == launcher.scale_at(group, K, block_k) == want, group
     gemv = configs.quant_configs(1, 4096, 4096, 128, sms=132, bits=4)[0]
     assert gemv["strategy"] == "gemv" and gemv["SPLIT_K"] > 1
     assert (4096 // gemv["BLOCK_N"]) * gemv["SPLIT_K"] >= 2 * 132
@@ -388,3 +395,33 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
             # at aligned sizes (model widths), the K loop is software-pipelined: asynchronous copies
             # to shared memory tiles ahead of the tensor cores, as the JIT compiles it on a GPU
             assert "cp.async" in ptx, f"{what}: K loop not pipelined"
+
+
+# Most instructions per weight code the GEMV's main loop may issue (SASS, heuristic config, one row
+# of a 4096 x 4096 layer). An H100 SXM issues about 5 thread-instructions per int4 code its peak
+# bandwidth delivers, an A100 about 4.8 (benchmarks/gemv_sass.py); the kernel before the
+# magic-number dequantisation issued 8.5-9 per int4 code.
+GEMV_INSTRS_PER_CODE = {("sm_80", 4): 6.0, ("sm_90", 4): 5.0, ("sm_80", 8): 5.5, ("sm_90", 8): 5.0}
+
+
+def test_gemv_main_loop_issues_few_instructions_per_code_and_no_conversions() -> None:
+    """The decode kernel must not be bound by issuing instructions: its codes become floats by
+    bit operations (no int-to-float conversions, quarter-rate on sm_80), a group's scale is applied
+    once per span rather than per code, and no barriers run where the group is the whole row."""
+    cases = []
+    for arch in ("sm_80", "sm_90"):
+        for bits, group, block_k in ((4, 128, 128), (8, 0, 64)):
+            cfg = configs.gemv_configs(1, 4096, 4096, block_k, bits, sms=132)[0]
+            scale_at = configs.gemv_scale_at(group or 4096, 4096, block_k)
+            cases.append((arch, bits, cfg, AotJob("quant_gemv", {**cfg, "BITS": bits, "BLOCK_K": block_k,
+                                                                 "SCALE_AT": scale_at}, arch, flags={"lowrank": False}, sass=True)))
+    for (arch, bits, cfg, _), res in zip(cases, compile_many([c[3] for c in cases])):
+        ops = loop_opcodes(res["sass"])
+        codes = cfg["BLOCK_N"] * cfg.get("BLOCK_K", 128 if bits == 4 else 64) / (32 * cfg["num_warps"])
+        per_code = sum(ops.values()) / codes
+        what = f"int{bits} {arch}: {sum(ops.values())} instructions for {codes:.0f} codes, {dict(ops.most_common(8))}"
+        assert ops["FFMA"] >= codes, what  # the loop found is the main one: one multiply-add per code
+        assert per_code <= GEMV_INSTRS_PER_CODE[(arch, bits)], what
+        assert ops["I2F"] + ops["I2FP"] <= 2, what  # per trip (the group index), not per code
+        if bits == 8:
+            assert ops["BAR"] == 0, what  # one group per row: scaled once, after the loop

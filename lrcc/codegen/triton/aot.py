@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,9 @@ class AotJob:
     # whether the sizes and strides are multiples of 16, as model widths are (4096, 11008, ...): the
     # JIT specialises on that at launch, and it decides whether loads vectorise and loops pipeline
     aligned: bool = True
+    # also return the SASS (the GPU's own instructions, disassembled from the cubin with the
+    # cuobjdump Triton bundles): what ptxas made of the PTX, to count what a loop issues
+    sass: bool = False
 
 
 def compile_many(jobs: list[AotJob], timeout: float = 900.0) -> list[dict[str, Any]]:
@@ -81,24 +86,47 @@ def _compile_one(job: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:
         first = "\n".join(str(e).splitlines()[:12])
         raise SystemExit(f"{job['template']} {job['flags']} {config} for {job['arch']}: {first}")
-    return {"ptx": k.asm["ptx"], "name": k.metadata.name, "shared": k.metadata.shared,
-            **resources(k.asm.get("cubin"))}
+    out = {"ptx": k.asm["ptx"], "name": k.metadata.name, "shared": k.metadata.shared, **resources(k.asm.get("cubin"))}
+    if job.get("sass"):
+        out["sass"] = _cuobjdump(k.asm.get("cubin"), "-sass")
+    return out
 
 
-def resources(cubin: bytes | None) -> dict[str, int | None]:
-    """Registers per thread and local-memory (spill) bytes per thread of a compiled kernel, as ptxas
-    allotted them, read with the cuobjdump Triton bundles; None where it is missing."""
-    import re
+def _cuobjdump(cubin: bytes | None, flag: str) -> str | None:
+    """cuobjdump's output for a cubin (None where Triton bundles no cuobjdump)."""
     import tempfile
 
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not cubin or not os.path.exists(tool):
-        return {"regs": None, "local_bytes": None}
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def loop_opcodes(sass: str) -> Counter:
+    """Opcode counts (predicates and modifiers dropped: "FFMA", "LOP3", ...) of the longest loop in
+    a kernel's SASS: the instructions from a backward branch's target to the branch itself. For a
+    kernel with one main loop, what one trip issues per thread."""
+    ins = [(int(m.group(1), 16), m.group(2).strip())
+           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    best: list[str] = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            best = max(best, body, key=len)
+    return Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in best)
+
+
+def resources(cubin: bytes | None) -> dict[str, int | None]:
+    """Registers per thread and local-memory (spill) bytes per thread of a compiled kernel, as ptxas
+    allotted them, read with the cuobjdump Triton bundles; None where it is missing."""
+    out = _cuobjdump(cubin, "-res-usage")
+    if out is None:
+        return {"regs": None, "local_bytes": None}
     regs, local = re.search(r"REG:(\d+)", out), re.search(r"LOCAL:(\d+)", out)
     return {"regs": int(regs.group(1)) if regs else None, "local_bytes": int(local.group(1)) if local else None}
 

@@ -26,12 +26,14 @@ PROGRAMS_PER_SM = 2
 # still offered, after the 16-row tensor-core tile: its rows after the first re-read the weights
 # from L2, which autotuning weighs against the tile's padding.
 GEMV_MAX_M = 4
-# Elements of the [SUB, BLOCK_N] slab per thread in the GEMV kernel. Each costs about three
-# registers at once (the fp32 accumulator, the dequantised weight, its share of the packed byte):
-# ptxas gives 238 registers per thread at 64 elements (int4, sm_90, Triton 3.9: 2 programs of 4
-# warps per SM) and about 100 at 32 (4-5 programs per SM); read back with cuobjdump by
-# tests/test_triton_kernels.py.
-GEMV_TILE_PER_THREAD = 32
+# Output columns per thread in the GEMV kernel (each thread holds one 16-byte vector of codes per
+# column and K block; the x values it loads serve all its columns). Fewer registers first: at 4,
+# int4 group-128 issues 4.8 instructions per code in the main loop on sm_90 (80 registers); at 8,
+# 4.3 (128 registers). An H100 SXM issues about 4.4 thread-instructions per int4 code that its
+# peak bandwidth delivers (132 SMs x 4 schedulers x 32 lanes x 1.755 GHz / 6.7e12 codes/s), so
+# these counts bound the kernel near that peak, where the one before it (8.9) bound it at half.
+# Counted in the SASS by benchmarks/gemv_sass.py; autotuning picks on the GPU.
+GEMV_COLUMNS_PER_THREAD = (4, 8)
 # Decode steps are short (a few microseconds); 4 programs per SM give each SM several slabs of
 # weight bytes in flight at once, which is what bandwidth needs when the loop itself is not
 # software-pipelined (no tensor-core dot to pipeline towards).
@@ -114,29 +116,35 @@ def lowrank_configs(M: int, N: int, K: int, R: int, sms: int) -> list[dict]:
 
 def gemv_configs(M: int, N: int, K: int, block_k: int, bits: int, sms: int, rank: int = 0) -> list[dict]:
     """Configs for quant_gemv.py.j2 (M <= SMALL_M, one row per program; BLOCK_K is fixed by the
-    packed layout, SUB = BLOCK_K * bits / 8 rows per dequantised sub-tile)."""
+    packed layout). A warp's lanes cover SUB / 16 vectors along K (SUB = BLOCK_K * bits / 8 bytes
+    of a column per block) and 32 / (SUB / 16) columns."""
     if M > SMALL_M:
         return []
     sub = block_k * bits // 8
+    lanes_n = 32 // max(1, sub // 16)
     br = pow2(rank) if rank else 0
     k_blocks = math.ceil(K / block_k)
     out = []
     for warps in (4, 8):
-        threads = 32 * warps
-        # the widest column block whose slab (and the rank-r partial t) fits the budget
-        bn = GEMV_TILE_PER_THREAD * threads // sub - br
-        bn = max(MIN_TILE, min(1 << max(bn, 1).bit_length() - 1, pow2(N, hi=512)))
-        for width in (bn, max(MIN_TILE, bn // 2)):
+        for per_thread in GEMV_COLUMNS_PER_THREAD:
+            width = min(lanes_n * warps * per_thread, pow2(N, lo=lanes_n * warps))
             split = split_k(math.ceil(N / width) * M, k_blocks, sms, GEMV_PROGRAMS_PER_SM)
             for s in dict.fromkeys((split, max(1, split // 2))):
                 # split partials meet through a workspace and a semaphore in the one launch ("serial",
                 # first), or by atomic adds into an output zeroed by a second launch ("atomic")
                 for reduce in ("serial", "atomic") if s > 1 else ("none",):
                     cfg = {"strategy": "gemv", "BLOCK_M": 1, "BLOCK_N": width, "SPLIT_K": s, "REDUCE": reduce,
-                           "num_warps": warps, "num_stages": 2, **({"BLOCK_R": br} if rank else {})}
+                           "num_warps": warps, "num_stages": 1, **({"BLOCK_R": br} if rank else {})}
                     if cfg not in out:
                         out.append(cfg)
     return out
+
+
+def gemv_scale_at(group: int, K: int, block_k: int) -> int:
+    """quant_gemv.py.j2's SCALE_AT (its launcher applies the same rule): where a group's scale is
+    applied: 0 after the loop (one group for all of K), 1 per K block (groups are whole blocks),
+    2 per sub-tile."""
+    return 0 if group >= K else 1 if group % block_k == 0 else 2
 
 
 def quant_configs(M: int, N: int, K: int, block_k: int, sms: int, rank: int = 0, *, bits: int) -> list[dict]:

@@ -38,8 +38,11 @@ def launches(call: dict[str, Any], M: int, sms: int) -> list[tuple[str, dict, di
             if s["R"]:
                 out.append(("matmul", {}, _even_k(cfg["first"], s["K"])))
             return out + [("matmul", {"lowrank": True} if s["R"] else {}, _even_k({**cfg["matmul"], "W_LAYOUT": "kn"}, s["K"]))]
-        template = "quant_gemv" if cfg["strategy"] == "gemv" else "quant_matmul"
-        return [(template, call["flags"], {**cfg, "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]})]
+        full = {**cfg, "BITS": s["BITS"], "BLOCK_K": s["BLOCK_K"]}
+        if cfg["strategy"] == "gemv":
+            scale_at = configs.gemv_scale_at(s["G"], s["K"], s["BLOCK_K"])
+            return [("quant_gemv", call["flags"], _even_k({**full, "SCALE_AT": scale_at}, s["K"]))]
+        return [("quant_matmul", call["flags"], full)]
     if call["template"] == "sparse_lowrank_linear":
         cfg = call["config"](M, sms)
         if cfg.get("strategy") == "two_pass":  # t = x V^T first, then the sparse kernel reading it

@@ -167,7 +167,7 @@ def reference_weight(w: dict[str, Any]) -> torch.Tensor:
     bits, block_k, n, k = w["bits"], w["block_k"], w["n"], w["k"]
     per_byte = 8 // bits
     sub = block_k // per_byte
-    packed = w["codes"].to(torch.int32).reshape(-1, sub, n)
+    packed = w["codes"].t().to(torch.int32).reshape(-1, sub, n)  # codes are [N, K_pad / per_byte]
     codes = torch.stack([(packed >> (i * bits)) & ((1 << bits) - 1) for i in range(per_byte)], dim=1)
     codes = codes.reshape(-1, n).float()  # [K_pad, N]
     g = torch.arange(codes.shape[0], device=codes.device) // w["group"]

@@ -29,9 +29,10 @@ def pack_for_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     """Repack a quantised weight for quant_matmul.py.j2.
 
     codes: uint8 m x cols, one code per byte (unpacked; cols = n_in padded to the group); scale,
-    zero: m x groups (fp16). Returns codes as uint8 [K_pad / per_byte, m] with the sub-tile
-    interleave the kernel unpacks, scale and zero as [groups_pad, m] fp16, and the metadata the
-    launcher needs.
+    zero: m x groups (fp16). Returns codes as uint8 [m, K_pad / per_byte], each output feature's
+    bytes contiguous (K-major, as F.linear's weight), with the sub-tile interleave the kernels
+    unpack: in each block of block_k input rows, byte j of the block holds rows j + i * sub at bits
+    i * bits. scale and zero as [groups_pad, m] fp16, and the metadata the launchers need.
     """
     if bits not in KERNEL_BITS:
         raise LrccError(f"{where}: int{bits} weights have no Triton kernel (supported: "
@@ -54,7 +55,7 @@ def pack_for_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     z = torch.zeros((groups_pad, m), dtype=torch.float16)
     s[: scale.shape[1]] = scale.t().half()
     z[: zero.shape[1]] = zero.t().half()
-    return {"codes": packed.reshape(-1, m).to(torch.uint8).contiguous(), "scale": s.contiguous(),
+    return {"codes": packed.reshape(-1, m).t().to(torch.uint8).contiguous(), "scale": s.contiguous(),
             "zero": z.contiguous(), "in_scale": None if in_scale is None else in_scale.half().contiguous(),
             "bias": None if bias is None else bias.contiguous(), "bits": bits, "group": g, "n": m, "k": n_in,
             "block_k": block_k}

@@ -70,7 +70,7 @@ class TritonQuantLinear(nn.Module):
         rank = 0 if self.v is None else self.v.shape[0]
         return [{"template": "quant_matmul", "flags": {"lowrank": bool(rank)},
                  "shape": {"N": self.meta["n"], "K": self.meta["k"], "R": rank, "BITS": self.meta["bits"],
-                           "BLOCK_K": self.meta["block_k"]}}]
+                           "BLOCK_K": self.meta["block_k"], "G": self.meta["group"]}}]
 
 
 def gpu_site_module(op: str, parts: dict[str, torch.Tensor], attrs: dict[str, Any], site: str) -> nn.Module | None:
