@@ -158,11 +158,13 @@ def test_quant_gemv_matches_reference(spec, dtype) -> None:
             x = torch.randn(M, n, generator=torch.Generator().manual_seed(M)).to(dev, dtype)
             ref = F.linear(x.float(), w_ref.to(dev).to(dtype).float(), bias.to(dev).to(dtype).float())
             first = configs.gemv_configs(M, m, n, packed["block_k"], spec[0], sms=8)[0]
-            for split, reduce in ((1, "none"), (3, "atomic"), (3, "serial"), (2, "serial")):
+            # with and without PREFETCH (the next K block's codes loaded ahead)
+            for split, reduce, prefetch in ((1, "none", True), (3, "atomic", False), (3, "serial", True),
+                                            (2, "serial", False)):
                 for _ in range(2):  # twice: the serial reduction's counters must be back at zero
-                    y = mod.launch(x, w, {**first, "SPLIT_K": split, "REDUCE": reduce})
+                    y = mod.launch(x, w, {**first, "SPLIT_K": split, "REDUCE": reduce, "PREFETCH": prefetch})
                     assert y.dtype == dtype and y.shape == (M, m)
-                    assert rel(y, ref) < tol, (n, M, split, reduce)
+                    assert rel(y, ref) < tol, (n, M, split, reduce, prefetch)
 
 
 @pytest.mark.parametrize("spec", [(4, 32), (8, 0)])
@@ -401,7 +403,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
 # of a 4096 x 4096 layer). An H100 SXM issues about 5 thread-instructions per int4 code its peak
 # bandwidth delivers, an A100 about 4.8 (benchmarks/gemv_sass.py); the kernel before the
 # magic-number dequantisation issued 8.5-9 per int4 code.
-GEMV_INSTRS_PER_CODE = {("sm_80", 4): 6.0, ("sm_90", 4): 5.0, ("sm_80", 8): 5.5, ("sm_90", 8): 5.0}
+GEMV_INSTRS_PER_CODE = {("sm_80", 4): 5.25, ("sm_90", 4): 5.25, ("sm_80", 8): 5.25, ("sm_90", 8): 5.25}
 
 
 def test_gemv_main_loop_issues_few_instructions_per_code_and_no_conversions() -> None:

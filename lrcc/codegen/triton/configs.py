@@ -28,8 +28,8 @@ PROGRAMS_PER_SM = 2
 GEMV_MAX_M = 4
 # Output columns per thread in the GEMV kernel (each thread holds one 16-byte vector of codes per
 # column and K block; the x values it loads serve all its columns). Fewer registers first: at 4,
-# int4 group-128 issues 4.8 instructions per code in the main loop on sm_90 (80 registers); at 8,
-# 4.3 (128 registers). An H100 SXM issues about 4.4 thread-instructions per int4 code that its
+# int4 group-128 issues 4.8 instructions per code in the main loop on sm_90 (80 registers; 5.0 and
+# 96 registers with PREFETCH); at 8, 4.3 (128 registers; 4.5 and 127). An H100 SXM issues about 4.4 thread-instructions per int4 code that its
 # peak bandwidth delivers (132 SMs x 4 schedulers x 32 lanes x 1.755 GHz / 6.7e12 codes/s), so
 # these counts bound the kernel near that peak, where the one before it (8.9) bound it at half.
 # Counted in the SASS by benchmarks/gemv_sass.py; autotuning picks on the GPU.
@@ -125,18 +125,21 @@ def gemv_configs(M: int, N: int, K: int, block_k: int, bits: int, sms: int, rank
     br = pow2(rank) if rank else 0
     k_blocks = math.ceil(K / block_k)
     out = []
-    for warps in (4, 8):
-        for per_thread in GEMV_COLUMNS_PER_THREAD:
-            width = min(lanes_n * warps * per_thread, pow2(N, lo=lanes_n * warps))
-            split = split_k(math.ceil(N / width) * M, k_blocks, sms, GEMV_PROGRAMS_PER_SM)
-            for s in dict.fromkeys((split, max(1, split // 2))):
-                # split partials meet through a workspace and a semaphore in the one launch ("serial",
-                # first), or by atomic adds into an output zeroed by a second launch ("atomic")
-                for reduce in ("serial", "atomic") if s > 1 else ("none",):
-                    cfg = {"strategy": "gemv", "BLOCK_M": 1, "BLOCK_N": width, "SPLIT_K": s, "REDUCE": reduce,
-                           "num_warps": warps, "num_stages": 1, **({"BLOCK_R": br} if rank else {})}
-                    if cfg not in out:
-                        out.append(cfg)
+    # 4 warps at 4 and 8 columns per thread, and 8 warps at 4 (the same loop, bigger programs)
+    for warps, per_thread in [(4, c) for c in GEMV_COLUMNS_PER_THREAD] + [(8, GEMV_COLUMNS_PER_THREAD[0])]:
+        width = min(lanes_n * warps * per_thread, pow2(N, lo=lanes_n * warps))
+        split = split_k(math.ceil(N / width) * M, k_blocks, sms, GEMV_PROGRAMS_PER_SM)
+        # split partials meet through a workspace and a semaphore in the one launch ("serial",
+        # first), or by atomic adds into an output zeroed by a second launch ("atomic"); with or
+        # without loading the next K block's codes before using this one's (PREFETCH)
+        ways = [(split, "serial"), (split, "atomic"), (max(1, split // 2), "serial")] if split > 1 else [(1, "none")]
+        for s, reduce in ways:
+            for prefetch in (True, False):
+                cfg = {"strategy": "gemv", "BLOCK_M": 1, "BLOCK_N": width, "SPLIT_K": s,
+                       "REDUCE": reduce if s > 1 else "none", "PREFETCH": prefetch, "num_warps": warps,
+                       "num_stages": 1, **({"BLOCK_R": br} if rank else {})}
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 
