@@ -330,11 +330,11 @@ def test_without_cuda_or_interpreter_the_reference_runs_with_one_warning() -> No
 
 # --- ahead-of-time compiles for real GPUs --------------------------------------------------------
 def _jobs() -> list[tuple[str, AotJob]]:
-    """Each kernel at a prefill shape (M=2048) and a decode shape (M=1) for sm_80 and sm_90."""
+    """Each kernel at a prefill shape (M=2048), a batch (M=100) and a decode shape (M=1) for sm_80 and sm_90."""
     jobs = []
     N, K = 1024, 1024
     for arch in ("sm_80", "sm_90"):
-        for M, phase in ((2048, "prefill"), (1, "decode")):
+        for M, phase in ((2048, "prefill"), (100, "batch"), (1, "decode")):
             fused = [c for c in configs.lowrank_configs(M, N, K, 64, sms=132) if c["strategy"] == "fused"][0]
             jobs.append((f"lowrank_linear {phase}", AotJob("lowrank_linear", fused, arch)))
             mm = configs.matmul_configs(M, N, K, sms=132)[0]
@@ -346,15 +346,18 @@ def _jobs() -> list[tuple[str, AotJob]]:
                              AotJob("quant_matmul", {**q, "BITS": 4, "BLOCK_K": 128}, arch, flags={"lowrank": lowrank})))
         # a layer whose widths are not multiples of 16: compiled without the alignment the JIT
         # would not assume either
-        jobs.append(("matmul_persistent prefill", AotJob("matmul_persistent", {**configs.matmul_configs(2048, N, 128, sms=132)[0],
-                                                                             "PROGRAMS": 132}, arch)))
-        jobs.append(("matmul at unaligned sizes", AotJob("matmul", configs.matmul_configs(2048, N, K, sms=132)[0], arch,
-                                                         aligned=False)))
+        persistent = configs.matmul_configs(2048, N, 128, sms=132, kernel="persistent")[0]
+        jobs.append(("matmul_persistent prefill", AotJob("matmul_persistent", {**persistent, "PROGRAMS": 132}, arch)))
+        # widths that are not multiples of 16: compiled, as the JIT would, without assuming alignment
+        for M in (2048, 100, 5):
+            jobs.append((f"matmul at unaligned sizes, M={M}", AotJob("matmul", configs.matmul_configs(M, 1000, 1000, sms=132)[0],
+                                                                     arch, aligned=False)))
         prefill = configs.quant_configs(2048, N, K, 128, sms=132, bits=4)[0]
         jobs.append(("dequantize prefill", AotJob("dequantize", {**prefill["dequant"], "BITS": 4, "BLOCK_K": 128}, arch)))
         jobs.append(("matmul on a K x N weight prefill", AotJob("matmul", {**prefill["matmul"], "W_LAYOUT": "kn"}, arch)))
+        with_t = configs.quant_configs(2048, N, K, 128, sms=132, rank=32, bits=4)[0]
         jobs.append(("matmul + t U^T on a K x N weight prefill",
-                     AotJob("matmul", {**prefill["matmul"], "W_LAYOUT": "kn"}, arch, flags={"lowrank": True})))
+                     AotJob("matmul", {**with_t["matmul"], "W_LAYOUT": "kn"}, arch, flags={"lowrank": True})))
         for lowrank in (False, True):
             for bits, block_k in ((4, 128), (8, 64)):
                 g = configs.quant_configs(1, 4096, 4096, block_k, sms=132, rank=32 if lowrank else 0, bits=bits)[0]
@@ -367,11 +370,14 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
     """Every kernel but the GEMV one must use the tensor cores; the GEMV one must not."""
     jobs = _jobs()
     results = compile_many([j for _, j in jobs])
+    spills = []
     for (what, job), res in zip(jobs, results):
         ptx = res["ptx"]
         assert f".target sm_{job.arch[3:]}" in ptx, what
-        # ptxas's allocation (read back with cuobjdump): no heuristic config spills registers
-        assert res["regs"] is not None and res["local_bytes"] == 0, (what, res["regs"], res["local_bytes"])
+        # ptxas's allocation (read back with cuobjdump): no heuristic config spills registers (to
+        # local memory or, as ptxas reports spills of a call-free kernel, to its stack frame)
+        spills.extend([(what, res["regs"], res["local_bytes"], res["stack_bytes"])]
+                      if res["local_bytes"] or res["stack_bytes"] else [])
         if job.template == "quant_gemv":
             # and the decode kernel leaves room for 4 programs of 4 warps per SM (64K registers)
             assert res["regs"] * 32 * job.config["num_warps"] * 4 <= 65536, (what, res["regs"])
@@ -397,6 +403,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
             # at aligned sizes (model widths), the K loop is software-pipelined: asynchronous copies
             # to shared memory tiles ahead of the tensor cores, as the JIT compiles it on a GPU
             assert "cp.async" in ptx, f"{what}: K loop not pipelined"
+    assert not spills, spills
 
 
 # Most instructions per weight code the GEMV's main loop may issue (SASS, heuristic config, one row

@@ -295,8 +295,13 @@ def test_compiles_for_sm80_and_sm90() -> None:
     jobs.append(AotJob(TEMPLATE, scatterbrain_config(largest, MAX_FEATURES, 64, 64, "fp32"), "sm_80", "fp32"))
     jobs.append(AotJob(TEMPLATE, {**scatterbrain_config(shape, 8, 16, 16, "fp16"), "CENTROID": True}, "sm_80", "fp16"))
     sm80, sm90, biggest, centroid = results = compile_many(jobs)
-    # ptxas's allocation, read back with cuobjdump: no config spills registers to local memory
-    assert [r["local_bytes"] for r in results] == [0] * len(results), [(r["regs"], r["local_bytes"]) for r in results]
+    # ptxas's allocation, read back with cuobjdump: registers spill neither to local memory nor, beyond
+    # a few words, to the stack frame (where ptxas reports the spills of a kernel without calls),
+    # except in the largest config (fp32, d = dv = m = 128), a known gap (docs/gpu.md): it spills
+    # 2864 bytes per thread at 32 x 32 tiles, and still 1200 at 16 x 16
+    spills = [(r["regs"], r["local_bytes"], r["stack_bytes"]) for r in results]
+    assert all(local == 0 for _, local, _ in spills), spills
+    assert all(stack <= 32 for i, (_, _, stack) in enumerate(spills) if results[i] is not biggest), spills
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in centroid["ptx"], "sm_80 (centroid): no fp16 mma"
     assert ".target sm_80" in sm80["ptx"] and ".target sm_90a" in sm90["ptx"]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in sm80["ptx"], "sm_80: no fp16 mma.sync"

@@ -260,8 +260,10 @@ def test_compiles_for_sm80_and_sm90_on_tensor_cores() -> None:
     assert "red.global" in t_ptx or "atom.global" in t_ptx  # t's split-K partials add up in device memory
     assert re.search(r"\bmma\.sync\.aligned", reading_t)  # t U^T and the sparse blocks on the tensor cores
     results = results[:3]
-    # ptxas's allocation, read back with cuobjdump: no config spills registers to local memory
-    assert [r["local_bytes"] for r in results] == [0] * len(results), [(r["regs"], r["local_bytes"]) for r in results]
+    # ptxas's allocation, read back with cuobjdump: no config spills registers (to local memory or
+    # to the stack frame, where ptxas reports the spills of a kernel without calls)
+    assert [(r["local_bytes"], r["stack_bytes"]) for r in results] == [(0, 0)] * len(results), \
+        [(r["regs"], r["local_bytes"], r["stack_bytes"]) for r in results]
     sm80, sm90, sm90_decode = (r["ptx"] for r in results)
     assert re.search(r"\bmma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.f16\.f16\.f32", sm80)
     assert len(re.findall(r"\bwgmma\.mma_async", sm90)) >= 3  # x V^T, t U^T and the sparse blocks

@@ -48,7 +48,8 @@ class AotJob:
 
 def compile_many(jobs: list[AotJob], timeout: float = 900.0) -> list[dict[str, Any]]:
     """Compile every job in one subprocess; returns per job {"ptx", "name", "shared" (bytes),
-    "regs" (per thread), "local_bytes" (spilled, per thread)} (the last two None without cuobjdump).
+    "regs" (per thread), "local_bytes", "stack_bytes" (spilled, per thread)} (the last three None
+    without cuobjdump), and "sass" where the job asks for it.
     Raises LrccError naming the job that failed."""
     for job in jobs:
         parse_arch(job.arch)
@@ -122,13 +123,15 @@ def loop_opcodes(sass: str) -> Counter:
 
 
 def resources(cubin: bytes | None) -> dict[str, int | None]:
-    """Registers per thread and local-memory (spill) bytes per thread of a compiled kernel, as ptxas
-    allotted them, read with the cuobjdump Triton bundles; None where it is missing."""
+    """Registers per thread, and local-memory and stack-frame bytes per thread (where ptxas puts
+    spilled registers: a kernel without calls reports its spills as stack) of a compiled kernel, as
+    ptxas allotted them, read with the cuobjdump Triton bundles; None where it is missing."""
     out = _cuobjdump(cubin, "-res-usage")
     if out is None:
-        return {"regs": None, "local_bytes": None}
-    regs, local = re.search(r"REG:(\d+)", out), re.search(r"LOCAL:(\d+)", out)
-    return {"regs": int(regs.group(1)) if regs else None, "local_bytes": int(local.group(1)) if local else None}
+        return {"regs": None, "local_bytes": None, "stack_bytes": None}
+    regs, local, stack = re.search(r"REG:(\d+)", out), re.search(r"LOCAL:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return {"regs": int(regs.group(1)) if regs else None, "local_bytes": int(local.group(1)) if local else None,
+            "stack_bytes": int(stack.group(1)) if stack else None}
 
 
 def main() -> None:

@@ -61,17 +61,26 @@ def split_k(programs: int, k_blocks: int, sms: int, per_sm: int = PROGRAMS_PER_S
     return max(1, min(want, k_blocks // 2))
 
 
-def matmul_configs(M: int, N: int, K: int, sms: int) -> list[dict]:
-    """Configs for y = x W^T (x: M x K, W: N x K)."""
+def matmul_configs(M: int, N: int, K: int, sms: int, *, kernel: str = "matmul") -> list[dict]:
+    """Configs for y = x W^T (x: M x K, W: N x K). kernel: "matmul" (the plain product), "lowrank"
+    (matmul.py.j2 with its second K loop over t) or "persistent" (matmul_persistent.py.j2), whose
+    extra loop state costs registers: their big tiles spill on sm_80 (ptxas, counted by the tests),
+    so they take the 128 x 128 tiles. Sizes that are not multiples of 16 (the JIT then assumes no
+    alignment: scalar loads, an address register each) take small tiles, which do not spill."""
     bm_cap, bn_cap, bk_cap = pow2(M, hi=128), pow2(N, hi=256), pow2(K, hi=64)
     out = []
-    if M <= SMALL_M:
+    if N % 16 or K % 16:
+        shapes = ((16, 64, 32, 4, 3), (16, 32, 32, 4, 3)) if M <= SMALL_M else \
+            ((64, 64, 32, 4, 3), (32, 64, 32, 4, 3)) if M <= 128 else ((128, 128, 32, 8, 2), (64, 64, 32, 4, 3))
+    elif M <= SMALL_M:
         shapes = ((16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 32, 128, 4, 4))
     elif M <= 128:
         shapes = ((64, 128, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3))
-    else:
+    elif kernel == "matmul":
         shapes = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
                   (256, 128, 64, 8, 3))
+    else:
+        shapes = ((128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3))
     for bm, bn, bk, warps, stages in shapes:
         cfg = {"BLOCK_M": min(bm, bm_cap), "BLOCK_N": min(bn, bn_cap), "BLOCK_K": min(bk, bk_cap), "GROUP_M": 8,
                "num_warps": warps, "num_stages": stages}
@@ -108,8 +117,8 @@ def lowrank_configs(M: int, N: int, K: int, R: int, sms: int) -> list[dict]:
         out.append({"strategy": "two_pass", "first": a, "second": b})
     if M > SMALL_M:
         # the second product's K is the rank, a short loop: also offered persistent (one program per
-        # SM, one pipeline across its tiles; matmul_persistent.py.j2) with the first two tile shapes
-        for a, b in list(zip(first, second))[:2]:
+        # SM, one pipeline across its tiles; matmul_persistent.py.j2) with its first two tile shapes
+        for a, b in list(zip(first, matmul_configs(M, N, R, sms, kernel="persistent")))[:2]:
             out.append({"strategy": "two_pass", "first": a, "second": {**b, "PERSISTENT": True, "PROGRAMS": sms}})
     return out
 
@@ -163,14 +172,17 @@ def quant_configs(M: int, N: int, K: int, block_k: int, sms: int, rank: int = 0,
         dequant = {"BLOCK_N": DEQUANT_BLOCK_N, "num_warps": 4, "num_stages": 1}
         # with a low-rank branch, t = x V^T first (a thin product), then one matmul adds t U^T
         first = {"first": matmul_configs(M, rank, K, sms)[0]} if rank else {}
+        kind = "lowrank" if rank else "matmul"
         out += [{"strategy": "dequant_matmul", "dequant": dequant, "matmul": mm, **first}
-                for mm in matmul_configs(M, N, K, sms)[:3]]
+                for mm in matmul_configs(M, N, K, sms, kernel=kind)[:3]]
+    # tiles whose dequantised operand fits the registers on sm_80 and sm_90, with or without the
+    # low-rank branch (128 x 256, and 64 x 128 with 4 warps, spill on sm_80: counted by the tests)
     if M <= SMALL_M:
-        shapes = ((16, 64, 4, 4), (16, 128, 4, 4), (16, 32, 4, 4))
+        shapes = ((16, 64, 4, 4), (16, 32, 4, 4))
     elif M <= 128:
-        shapes = ((64, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 4))
+        shapes = ((64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 4))
     else:
-        shapes = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4))
+        shapes = ((128, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4))
     for bm, bn, warps, stages in shapes:
         bm, bn = min(bm, pow2(M, hi=128)), min(bn, pow2(N, hi=256))
         programs = math.ceil(M / bm) * math.ceil(N / bn)

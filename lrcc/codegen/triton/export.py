@@ -84,7 +84,8 @@ def write_kernels(module: nn.Module, out: Path, arch: str, dtype: str = "fp16") 
     usage = {}
     for ptx_name, res in zip(names, compile_many([jobs[n] for n in names]) if names else []):
         (kdir / ptx_name).write_text(res["ptx"])
-        usage[ptx_name] = {"shared_bytes": res["shared"], "regs": res["regs"], "local_bytes": res["local_bytes"]}
+        usage[ptx_name] = {"shared_bytes": res["shared"], "regs": res["regs"], "local_bytes": res["local_bytes"],
+                           "stack_bytes": res["stack_bytes"]}
     manifest = {"arch": arch, "dtype": dtype, "sms_assumed": sms, "sites": sites, "resources": usage}
     (kdir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
