@@ -264,7 +264,8 @@ def tuned(*key) -> str:
         mm = cfg["matmul"]
         return f"dequantise + matmul {mm['BLOCK_M']}x{mm['BLOCK_N']}x{mm['BLOCK_K']} warps={mm['num_warps']}"
     reduce = f" ({cfg['REDUCE']})" if cfg.get("SPLIT_K", 1) > 1 and "REDUCE" in cfg else ""
-    return f"{cfg['strategy']} BLOCK_N={cfg['BLOCK_N']} split={cfg.get('SPLIT_K', 1)}{reduce} warps={cfg['num_warps']}"
+    prefetch = " prefetch" if cfg.get("PREFETCH") else ""
+    return f"{cfg['strategy']} BLOCK_N={cfg['BLOCK_N']} split={cfg.get('SPLIT_K', 1)}{reduce} warps={cfg['num_warps']}{prefetch}"
 
 
 def quant_lowrank_row(table, shape, M, x, wq, vu, dense, t_quant) -> None:
