@@ -434,3 +434,22 @@ def test_gemv_main_loop_issues_few_instructions_per_code_and_no_conversions() ->
         assert ops["I2F"] + ops["I2FP"] <= 2, what  # per trip (the group index), not per code
         if bits == 8:
             assert ops["BAR"] == 0, what  # one group per row: scaled once, after the loop
+
+
+def test_loop_opcodes_counts_the_longest_loop_body() -> None:
+    """The SASS reader behind the instruction-count checks: predicates and modifiers dropped, only
+    the body between a backward branch's target and the branch counted, the longest loop kept."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LOP3.LUT R8, R4, 0xf, R9, 0xf8, !PT ;
+        /*0030*/                   FADD R8, R8, -8388608 ;
+        /*0040*/                   FFMA R10, R8, R11, R10 ;
+        /*0050*/               @P0 BRA 0x10 ;
+        /*0060*/                   SHFL.BFLY PT, R3, R10, 0x1, 0x1f ;
+        /*0070*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*0080*/              @!P1 BRA 0x70 ;
+        /*0090*/                   EXIT ;
+    """
+    assert loop_opcodes(sass) == {"LDG": 1, "LOP3": 1, "FADD": 1, "FFMA": 1, "BRA": 1}
+    assert loop_opcodes("        /*0000*/                   EXIT ;") == {}
