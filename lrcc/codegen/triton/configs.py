@@ -28,11 +28,12 @@ PROGRAMS_PER_SM = 2
 GEMV_MAX_M = 4
 # Output columns per thread in the GEMV kernel (each thread holds one 16-byte vector of codes per
 # column and K block; the x values it loads serve all its columns). Fewer registers first: at 4,
-# int4 group-128 issues 4.8 instructions per code in the main loop on sm_90 (80 registers; 5.0 and
-# 96 registers with PREFETCH); at 8, 4.3 (128 registers; 4.5 and 127). An H100 SXM issues about 4.4 thread-instructions per int4 code that its
-# peak bandwidth delivers (132 SMs x 4 schedulers x 32 lanes x 1.755 GHz / 6.7e12 codes/s), so
-# these counts bound the kernel near that peak, where the one before it (8.9) bound it at half.
-# Counted in the SASS by benchmarks/gemv_sass.py; autotuning picks on the GPU.
+# int4 group-128 issues 4.8 instructions per code in the main loop on sm_90 (80 registers; 4.9
+# with PREFETCH); at 8, 4.2 (128 registers; 4.4 and 140 with PREFETCH). An H100 SXM issues about
+# 5 thread-instructions per int4 code that its peak bandwidth delivers (132 SMs x 4 schedulers x
+# 32 lanes x 1.98 GHz / 6.7e12 codes/s), so these counts bound the kernel near that peak, where
+# the GEMV before them (9.0) bound it at about half. Counted in the SASS by benchmarks/gemv_sass.py;
+# autotuning picks on the GPU.
 GEMV_COLUMNS_PER_THREAD = (4, 8)
 # Decode steps are short (a few microseconds); 4 programs per SM give each SM several slabs of
 # weight bytes in flight at once, which is what bandwidth needs when the loop itself is not
