@@ -298,7 +298,7 @@ def test_compiles_for_sm80_and_sm90() -> None:
     # ptxas's allocation, read back with cuobjdump: registers spill neither to local memory nor, beyond
     # a few words, to the stack frame (where ptxas reports the spills of a kernel without calls),
     # except in the largest config (fp32, d = dv = m = 128), a known gap (docs/gpu.md): it spills
-    # 2864 bytes per thread at 32 x 32 tiles, and still 1200 at 16 x 16
+    # 2864 bytes per thread at 32 x 32 tiles, and still 1200 at 16 x 32
     spills = [(r["regs"], r["local_bytes"], r["stack_bytes"]) for r in results]
     assert all(local == 0 for _, local, _ in spills), spills
     assert all(stack <= 32 for i, (_, _, stack) in enumerate(spills) if results[i] is not biggest), spills
