@@ -410,7 +410,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores() -> None:
 # of a 4096 x 4096 layer). An H100 SXM issues about 5 thread-instructions per int4 code its peak
 # bandwidth delivers, an A100 about 4.8 (benchmarks/gemv_sass.py); the kernel before the
 # magic-number dequantisation issued 8.5-9 per int4 code.
-GEMV_INSTRS_PER_CODE = {("sm_80", 4): 5.25, ("sm_90", 4): 5.25, ("sm_80", 8): 5.25, ("sm_90", 8): 5.25}
+GEMV_INSTRS_PER_CODE = 5.25
 
 
 def test_gemv_main_loop_issues_few_instructions_per_code_and_no_conversions() -> None:
@@ -422,15 +422,16 @@ def test_gemv_main_loop_issues_few_instructions_per_code_and_no_conversions() ->
         for bits, group, block_k in ((4, 128, 128), (8, 0, 64)):
             cfg = configs.gemv_configs(1, 4096, 4096, block_k, bits, sms=132)[0]
             scale_at = configs.gemv_scale_at(group or 4096, 4096, block_k)
-            cases.append((arch, bits, cfg, AotJob("quant_gemv", {**cfg, "BITS": bits, "BLOCK_K": block_k,
-                                                                 "SCALE_AT": scale_at}, arch, flags={"lowrank": False}, sass=True)))
-    for (arch, bits, cfg, _), res in zip(cases, compile_many([c[3] for c in cases])):
+            cases.append((arch, bits, block_k, cfg, AotJob("quant_gemv", {**cfg, "BITS": bits, "BLOCK_K": block_k,
+                                                                          "SCALE_AT": scale_at}, arch,
+                                                            flags={"lowrank": False}, sass=True)))
+    for (arch, bits, block_k, cfg, _), res in zip(cases, compile_many([c[4] for c in cases])):
         ops = loop_opcodes(res["sass"])
-        codes = cfg["BLOCK_N"] * cfg.get("BLOCK_K", 128 if bits == 4 else 64) / (32 * cfg["num_warps"])
+        codes = cfg["BLOCK_N"] * block_k / (32 * cfg["num_warps"])
         per_code = sum(ops.values()) / codes
         what = f"int{bits} {arch}: {sum(ops.values())} instructions for {codes:.0f} codes, {dict(ops.most_common(8))}"
         assert ops["FFMA"] >= codes, what  # the loop found is the main one: one multiply-add per code
-        assert per_code <= GEMV_INSTRS_PER_CODE[(arch, bits)], what
+        assert per_code <= GEMV_INSTRS_PER_CODE, what
         assert ops["I2F"] + ops["I2FP"] <= 2, what  # per trip (the group index), not per code
         if bits == 8:
             assert ops["BAR"] == 0, what  # one group per row: scaled once, after the loop
